@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make demo` (set up + main job) and `make test` (set up + tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines take the CPU build of torch that lies on disk; a GPU machine keeps the user's torch.
+TORCH_SPEC ?= torch==2.13.0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup data demo test test-fast test-slow test-cuda check-sync figures bench export clean-nbs
+
+$(STAMP): setup.py settings.ini
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "CUDA torch found: the venv sees it (system site packages)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q -U pip && \
+	  ( $(PY) -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "$(TORCH_SPEC)" ); fi
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(STAMP) data
+
+data: $(STAMP)
+	$(VENV)/bin/latent-thoughts prepare
+
+demo: setup
+	$(VENV)/bin/latent-thoughts demo
+
+export: $(STAMP)
+	$(VENV)/bin/nbdev_export && $(VENV)/bin/nbdev_clean
+
+check-sync: $(STAMP)
+	bash tools/check_sync.sh
+
+test: setup check-sync
+	$(VENV)/bin/nbdev_test --n_workers 2 --timing
+	$(VENV)/bin/pytest -m "not slow and not cuda" tests
+
+test-slow: setup
+	$(VENV)/bin/nbdev_test --n_workers 2 --flags slow
+	$(VENV)/bin/pytest -m "slow" tests
+
+test-cuda: setup
+	$(VENV)/bin/nbdev_test --flags cuda
+	$(VENV)/bin/pytest -m "cuda" tests
+
+figures: setup
+	bash tools/run_figures.sh
+
+bench: setup
+	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -1,0 +1,5 @@
+"""latent_thoughts: pretrain Hugging Face causal LMs that think in continuous space before each token."""
+__version__ = "0.1.0"
+
+# The public API (the modules themselves are generated from nbs/ by nbdev_export).
+from .core import MethodLM, MethodOutput, VanillaLM, build_lm, hf_config
