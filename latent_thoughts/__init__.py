@@ -2,4 +2,4 @@
 __version__ = "0.1.0"
 
 # The public API (the modules themselves are generated from nbs/ by nbdev_export).
-from .core import MethodLM, MethodOutput, VanillaLM, build_lm, hf_config
+from .core import MethodLM, MethodOutput, VanillaLM, build_lm, hf_config, preset_shape, PRESETS, register_method
