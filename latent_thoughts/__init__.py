@@ -4,3 +4,4 @@ __version__ = "0.1.0"
 # The public API (the modules themselves are generated from nbs/ by nbdev_export).
 from .core import MethodLM, MethodOutput, VanillaLM, build_lm, hf_config, preset_shape, PRESETS, register_method
 from .attention import BACKENDS, check_backend, set_attention_backend
+from .latent import LatentThoughtLM, jacobi_trace, sequential_hidden
