@@ -1,0 +1,204 @@
+"Data pipeline: split, packing round trip, resumable and distributed loader, bad input, the real corpus."
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latent_thoughts.data import (EOT, SPLITS, BlockLoader, PackedBlocks, corpus_manifest, data_dir, eval_batches,
+                                  get_blocks, get_tokenizer, iter_documents, prepare_corpus, split_documents,
+                                  train_tokenizer)
+
+TEXTS = ['Once upon a time there was a cat. ' * 7, 'Der Bär läuft über die Brücke — 🐻!\n' * 3,
+         'Short one.', 'Line one\nline two\n\n  indented line\n' * 5, 'The end, my friend. ' * 9]
+
+
+@pytest.fixture
+def tmpdata(tmp_path, monkeypatch):
+    "A private data_dir with a few text documents and a tiny tokenizer trained on them."
+    monkeypatch.setenv('LATENT_THOUGHTS_DATA', str(tmp_path/'data'))
+    src = tmp_path/'docs'; src.mkdir()
+    for i, t in enumerate(TEXTS): (src/f'{i:02d}.txt').write_text(t, encoding='utf-8')
+    tok = train_tokenizer(src, vocab_size=320, out_dir=tmp_path/'tok')
+    return tmp_path, src, tok
+
+
+def test_data_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv('LATENT_THOUGHTS_DATA', str(tmp_path/'x'))
+    assert data_dir() == tmp_path/'x' and data_dir().is_dir()
+
+
+def test_split_deterministic_and_disjoint():
+    ids = [f'play{i // 10}/{i % 10:03d}' for i in range(200)]
+    s = split_documents(ids, seed=0, val_frac=0.1, test_frac=0.05)
+    assert s == split_documents(ids[::-1], seed=0, val_frac=0.1, test_frac=0.05)
+    assert s != split_documents(ids, seed=1, val_frac=0.1, test_frac=0.05)
+    assert [len(s[k]) for k in SPLITS] == [170, 20, 10]
+    parts = [set(s[k]) for k in SPLITS]
+    assert sum(map(len, parts)) == len(set.union(*parts)) == len(ids)
+
+
+def test_prepare_corpus_deterministic(tmp_path):
+    "Two independent preparations with the same seed write the same bytes; another seed another split."
+    a, b = prepare_corpus(tmp_path/'a', seed=0), prepare_corpus(tmp_path/'b', seed=0)
+    for s in SPLITS: assert a[s].read_bytes() == b[s].read_bytes()
+    c = corpus_manifest(prepare_corpus(tmp_path/'c', seed=1)['train'].parent)
+    ma = corpus_manifest(tmp_path/'a')
+    assert ma['splits']['validation']['docs'] != c['splits']['validation']['docs']
+    parts = [set(ma['splits'][s]['docs']) for s in SPLITS]
+    assert sum(map(len, parts)) == len(set.union(*parts))
+    # each split file holds exactly its manifest's documents
+    for s in SPLITS:
+        ids = [json.loads(l)['id'] for l in a[s].read_text().splitlines()]
+        assert ids == ma['splits'][s]['docs']
+    # a corrupted file is detected and rebuilt
+    a['test'].write_text('tampered')
+    assert prepare_corpus(tmp_path/'a', seed=0)['test'].read_bytes() == b['test'].read_bytes()
+
+
+def test_packing_round_trip(tmpdata):
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=8)
+    # independent reference: each document encoded on its own, followed by eos
+    ref = [t for d in TEXTS for t in tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]]
+    assert blocks.tokens.tolist() == ref and blocks.n_tokens == len(ref)
+    assert tok.decode(blocks.tokens.tolist()) == ''.join(t + EOT for t in TEXTS)
+    served = torch.cat([blocks[i] for i in range(len(blocks))])
+    assert len(blocks) == len(ref) // 8 and served.tolist() == ref[:len(blocks)*8]
+    assert served.dtype == torch.int64 and blocks.tokens.dtype == np.uint16
+    assert blocks.n_bytes == sum(len(t.encode()) for t in TEXTS)
+    # a fresh PackedBlocks reads the same cache; another block size is another cache
+    assert PackedBlocks(blocks.path).tokens.tolist() == ref
+    assert get_blocks(src, tokenizer=tok, block_size=8).path == blocks.path
+    assert get_blocks(src, tokenizer=tok, block_size=16).path != blocks.path
+
+
+def test_packing_jsonl_and_cache_invalidation(tmpdata):
+    tmp, _, tok = tmpdata
+    f = tmp/'c.jsonl'
+    f.write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:2]))
+    b1 = get_blocks(f, tokenizer=tok, block_size=4)
+    assert tok.decode(b1.tokens.tolist()) == TEXTS[0] + EOT + TEXTS[1] + EOT
+    f.write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[2:]))   # the file changed: rebuilt
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    b2 = get_blocks(f, tokenizer=tok, block_size=4)
+    assert b2.path != b1.path and tok.decode(b2.tokens.tolist()) == ''.join(t + EOT for t in TEXTS[2:])
+
+
+def _ids(batch): return batch['input_ids']
+
+
+@pytest.mark.parametrize('k', [0, 1, 3, 4, 5, 9])
+def test_loader_resumes_at_next_batch(tmpdata, k):
+    "After k batches (epochs have 4 steps here, so k=4,5,9 cross epoch boundaries) a restored loader continues."
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=4)
+    bs = len(blocks) // 4
+    a = BlockLoader(blocks, bs, seed=7)
+    assert len(a) == 4
+    for _ in range(k): next(a)
+    state = json.loads(json.dumps(a.state_dict()))          # survives a JSON checkpoint
+    b = BlockLoader(blocks, bs, seed=7); b.load_state_dict(state)
+    for _ in range(6): assert torch.equal(_ids(next(a)), _ids(next(b)))
+
+
+def test_loader_epochs_are_permutations(tmpdata):
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=4)
+    ld = BlockLoader(blocks, 1, seed=0)
+    rows = lambda: [tuple(_ids(next(ld))[0].tolist()) for _ in range(len(blocks))]
+    e0, e1 = rows(), rows()
+    every = sorted(tuple(blocks[i].tolist()) for i in range(len(blocks)))
+    assert sorted(e0) == every and sorted(e1) == every and e0 != e1
+
+
+def test_loader_world_size_2_equals_double_batch(tmpdata):
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=4)
+    one = BlockLoader(blocks, 6, seed=1)
+    ranks = [BlockLoader(blocks, 3, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3*len(one) + 1):
+        assert torch.equal(torch.cat([_ids(next(r)) for r in ranks]), _ids(next(one)))
+    # the state of a 2-rank run resumes a 1-process run with the same global batch
+    single = BlockLoader(blocks, 6, seed=1); single.load_state_dict(ranks[0].state_dict())
+    assert torch.equal(_ids(next(single)), _ids(next(one)))
+
+
+def test_eval_batches_cover_all_in_order(tmpdata):
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=4)
+    batches = [_ids(b) for b in eval_batches(blocks, 5)]
+    assert all(len(b) == 5 for b in batches[:-1]) and 1 <= len(batches[-1]) <= 5
+    assert torch.equal(torch.cat(batches), torch.stack([blocks[i] for i in range(len(blocks))]))
+
+
+# ---- bad input: each raises an error that names the fix ----
+
+def test_missing_file(tmpdata):
+    tmp, _, tok = tmpdata
+    with pytest.raises(FileNotFoundError, match='not found: pass an existing'):
+        get_blocks(tmp/'nope.txt', tokenizer=tok)
+    with pytest.raises(FileNotFoundError, match='not found'):
+        list(iter_documents(str(tmp/'{split}.jsonl'), 'validation'))
+    with pytest.raises(FileNotFoundError, match='save_pretrained'):
+        get_tokenizer(str(tmp/'no_tokenizer_here/'))
+
+
+def test_empty_corpus(tmpdata):
+    tmp, _, tok = tmpdata
+    (tmp/'empty.txt').write_text('\n  \n')
+    with pytest.raises(ValueError, match='empty corpus'): get_blocks(tmp/'empty.txt', tokenizer=tok)
+    (tmp/'empty.jsonl').write_text('{"text": ""}\n\n')
+    with pytest.raises(ValueError, match='empty corpus'): list(iter_documents(tmp/'empty.jsonl'))
+    (tmp/'emptydir').mkdir()
+    with pytest.raises(ValueError, match='no .txt files'): list(iter_documents(tmp/'emptydir'))
+    (tmp/'nofield.jsonl').write_text('{"content": "x"}\n')
+    with pytest.raises(ValueError, match="no field 'text'"): list(iter_documents(tmp/'nofield.jsonl'))
+
+
+def test_text_too_short_for_one_block(tmpdata):
+    tmp, _, tok = tmpdata
+    (tmp/'short.txt').write_text('Hi.')
+    with pytest.raises(ValueError, match='fewer than one block of 256: use a smaller block_size'):
+        get_blocks(tmp/'short.txt', tokenizer=tok, block_size=256)
+
+
+@pytest.mark.parametrize('bs', [1, 0, -3])
+def test_block_size_below_2(tmpdata, bs):
+    _, src, tok = tmpdata
+    with pytest.raises(ValueError, match='at least 2 tokens'): get_blocks(src, tokenizer=tok, block_size=bs)
+
+
+def test_loader_too_few_blocks(tmpdata):
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=4)
+    with pytest.raises(ValueError, match='fewer than one global batch'): BlockLoader(blocks, len(blocks), world_size=2)
+
+
+def test_unknown_dataset():
+    "A HF dataset name that cannot be loaded (here: offline) is wrapped in an error that names the alternatives."
+    code = ("from latent_thoughts.data import iter_documents\n"
+            "try: next(iter_documents('no-such-user/no-such-dataset', 'train'))\n"
+            "except ValueError as e: print('ERR', e)\n")
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "ERR cannot load Hugging Face dataset 'no-such-user/no-such-dataset'" in out
+    assert "'shakespeare' or a local .txt/.jsonl" in out
+
+
+# ---- the real embedded corpus ----
+
+def test_real_embedded_corpus():
+    "The Shakespeare corpus: > 3 MB, split by scene, files match the manifest, a second call reuses the cache."
+    paths = prepare_corpus()
+    t = time.perf_counter(); assert prepare_corpus() == paths; dt = time.perf_counter() - t
+    assert dt < 5, f'second prepare_corpus took {dt:.1f} s'
+    man = corpus_manifest()
+    assert man['total_bytes'] > 3_000_000
+    assert [man['splits'][s]['n_docs'] for s in SPLITS] == [705, 39, 39]
+    parts = [set(man['splits'][s]['docs']) for s in SPLITS]
+    assert sum(map(len, parts)) == len(set.union(*parts)) == 783
+    docs = list(iter_documents('shakespeare', 'validation'))
+    assert len(docs) == 39 and sum(len(d.encode()) for d in docs) == man['splits']['validation']['bytes']
+    assert not any(c in d for d in docs for c in '*_\\#')
