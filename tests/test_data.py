@@ -202,3 +202,13 @@ def test_real_embedded_corpus():
     docs = list(iter_documents('shakespeare', 'validation'))
     assert len(docs) == 39 and sum(len(d.encode()) for d in docs) == man['splits']['validation']['bytes']
     assert not any(c in d for d in docs for c in '*_\\#')
+
+
+def test_max_tokens_caps_a_long_source(tmpdata):
+    tmp, _, tok = tmpdata
+    f = tmp/'many.jsonl'
+    f.write_text(''.join(json.dumps({'text': f'document number {i}.'}) + '\n' for i in range(300)))
+    full, capped = get_blocks(f, tokenizer=tok, block_size=4), get_blocks(f, tokenizer=tok, block_size=4, max_tokens=500)
+    assert full.meta['n_docs'] == 300 and capped.meta['n_docs'] < 300 and capped.n_tokens >= 500
+    assert capped.tokens.tolist() == full.tokens[:capped.n_tokens].tolist()     # a prefix of whole documents
+    assert capped.n_bytes == sum(len(f'document number {i}.') for i in range(capped.meta['n_docs']))
