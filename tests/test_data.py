@@ -212,3 +212,15 @@ def test_max_tokens_caps_a_long_source(tmpdata):
     assert full.meta['n_docs'] == 300 and capped.meta['n_docs'] < 300 and capped.n_tokens >= 500
     assert capped.tokens.tolist() == full.tokens[:capped.n_tokens].tolist()     # a prefix of whole documents
     assert capped.n_bytes == sum(len(f'document number {i}.') for i in range(capped.meta['n_docs']))
+
+
+def test_real_prepare_tokenizer_and_blocks():
+    "The default tokenizer (vocab 4096) compresses Shakespeare to ~3 bytes/token; the blocks decode to the split's text."
+    from latent_thoughts.data import prepare
+    p = prepare(verbose=False)
+    tok, val = p['tokenizer'], p['blocks']['validation']
+    assert len(tok) == 4096 and tok.eos_token == EOT
+    assert p['stats']['train']['tokens'] > 1_000_000 and 2.5 < p['stats']['train']['bytes_per_token'] < 4
+    docs = list(iter_documents('shakespeare', 'validation'))
+    assert tok.decode(val.tokens.tolist()) == ''.join(d + EOT for d in docs)
+    assert next(BlockLoader(p['blocks']['train'], 4))['input_ids'].shape == (4, 256)
