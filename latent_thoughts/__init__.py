@@ -7,3 +7,4 @@ from .attention import BACKENDS, check_backend, set_attention_backend
 from .data import data_dir, prepare_corpus, get_tokenizer, train_tokenizer, iter_documents, get_blocks, PackedBlocks, BlockLoader, eval_batches, prepare, EOT
 from .latent import LatentThoughtLM, jacobi_trace, sequential_hidden
 from .adaptive import AdaptiveLatentLM, Router, parallel_mask, halt_step, target_prob_gain, latent_step_stats, compute_vs_threshold
+from .baselines import PauseLM, LoopedLM, PonderingLM, double_params_model
