@@ -9,3 +9,4 @@ from .latent import LatentThoughtLM, jacobi_trace, sequential_hidden
 from .adaptive import AdaptiveLatentLM, Router, parallel_mask, halt_step, target_prob_gain, latent_step_stats, compute_vs_threshold
 from .baselines import PauseLM, LoopedLM, PonderingLM, double_params_model
 from .evaluation import perplexity, score_windows, rolling_windows, load_documents
+from .flops import flops_per_token, train_flops_per_token, model_counts, LEDGER
