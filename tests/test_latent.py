@@ -73,11 +73,12 @@ def VanillaLM_generate(lm, ids, n):
     return VanillaLM(lm).generate(ids, max_new_tokens=n)
 
 
-def greedy_reference(m, prompt, n):
+def greedy_reference(m, prompt, n, use_cache=True):
     "Greedy continuation by the definition: the whole stream recomputed, one entry at a time, per token."
+    # the cached reference equals the cache-free one (test_jacobi_equals_sequential) and shares no code with prefill/decode
     seq = prompt.clone()
     for _ in range(n):
-        nxt = m.head(sequential_hidden(m, seq, use_cache=False)[:, -1, -1]).argmax(-1)
+        nxt = m.head(sequential_hidden(m, seq, use_cache=use_cache)[:, -1, -1]).argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], 1)
     return seq
 
@@ -263,4 +264,4 @@ def test_longer_sequences_slow(arch, N, mode):
     out = m(ids, attention_mask=mask, jacobi_iters=24 * N)
     assert (out.logits[0] - m.head(H[0, :, N])).abs().max() < 1e-9
     assert (out.logits[1, :17] - m.head(H[1, :17, N])).abs().max() < 1e-9
-    assert torch.equal(m.generate(ids[:1, :8], max_new_tokens=8), greedy_reference(m, ids[:1, :8], 8))
+    assert torch.equal(m.generate(ids[:1, :8], max_new_tokens=8), greedy_reference(m, ids[:1, :8], 8, use_cache=False))
