@@ -1,0 +1,158 @@
+"""Trainer: exact resume after SIGKILL, atomic checkpoints, non-finite losses, config and preflight errors."""
+import json, math, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest, torch
+from latent_thoughts.config import Config, ModelConfig, DataConfig, TrainConfig, load_config, build_model
+from latent_thoughts.core import VanillaLM, MethodLM, build_lm
+from latent_thoughts import trainer as T
+from latent_thoughts.trainer import Trainer, latest_checkpoint, NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, '-m', 'latent_thoughts.cli']
+RESUME_TOL = 1e-6  # same process count, same thread count, CPU: the resumed curve is the same arithmetic
+
+def losses(run_dir):
+    return {r['step']: r['loss'] for r in map(json.loads, (Path(run_dir)/'metrics.jsonl').read_text().splitlines()) if 'loss' in r}
+
+def toy_blocks(n=64, T_=32, V=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(1, 4, (n, 1), generator=g), torch.randint(0, V, (n, 1), generator=g)
+    return (a * torch.arange(T_) + b) % V
+
+def toy_cfg(d, **train):
+    return Config(ModelConfig(preset='micro', d_model=32, n_layer=1, n_head=2, vocab_size=64, max_positions=64),
+                  DataConfig(block_size=32, batch_size=8, eval_batch_size=16),
+                  TrainConfig(**{**dict(steps=12, lr=1e-2, warmup=2, min_lr=1e-3, out_dir=str(d), progress=False,
+                                        mixed_precision='no', save_every=4, keep_last=3), **train}))
+
+def toy_trainer(d, model=None, **train):
+    return Trainer(toy_cfg(d, **train), model=model, train_blocks=toy_blocks(), val_blocks=toy_blocks(16, seed=1))
+
+# ---------------------------------------------------------------- resume after SIGKILL
+def test_resume_after_sigkill_is_exact(tmp_path):
+    "A latent-thought micro run killed with SIGKILL mid-way and resumed ends with the uninterrupted loss curve."
+    common = ['train', '--config', 'micro', 'model.method=latent', 'model.method_args={n_thoughts: 1, train_iters: [2, 3]}',
+              'train.steps=10', 'train.save_every=3', 'train.keep_last=2', 'train.progress=false', 'train.warmup=2',
+              'data.batch_size=4', 'data.eval_max_blocks=4']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+    ref, cut = tmp_path/'ref', tmp_path/'cut'
+    subprocess.run(CLI + common + [f'train.out_dir={ref}'], check=True, cwd=ROOT, env=env, capture_output=True)
+    p = subprocess.Popen(CLI + common + [f'train.out_dir={cut}'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 300:  # kill once step 5 is logged: checkpoint 3 exists, steps 4-5 are lost
+        if (cut/'metrics.jsonl').exists() and max(losses(cut), default=0) >= 5: break
+        if p.poll() is not None: pytest.fail('the run ended before it could be killed')
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    killed_at = max(losses(cut))
+    assert killed_at < 10, 'killed too late to test anything'
+    assert latest_checkpoint(cut).name in ('step_00000003', 'step_00000006')
+    subprocess.run(CLI + common + [f'train.out_dir={cut}', '--resume'], check=True, cwd=ROOT, env=env, capture_output=True)
+    a, b = losses(ref), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    diff = max(abs(a[s] - b[s]) for s in a)
+    print(f'killed after step {killed_at}; max |loss difference| over 10 steps: {diff:.2e}')
+    assert diff <= RESUME_TOL
+
+# ---------------------------------------------------------------- atomic checkpoints
+def test_partial_checkpoint_is_never_loaded(tmp_path, monkeypatch):
+    "A crash while a checkpoint is written leaves the previous one in force; resuming uses it."
+    toy_trainer(tmp_path, steps=12).fit(stop_at=4)
+    real_publish = T.publish_checkpoint
+    def crash(tmp, keep_last=2): raise KeyboardInterrupt('simulated crash before the rename')
+    monkeypatch.setattr(T, 'publish_checkpoint', crash)
+    with pytest.raises(KeyboardInterrupt): toy_trainer(tmp_path, steps=12).fit(resume=True, stop_at=8)
+    assert (tmp_path/'checkpoints'/'.tmp-step_00000008').is_dir()   # the partial write is there...
+    assert latest_checkpoint(tmp_path).name == 'step_00000004'       # ...and never chosen
+    # a truncated step directory (no weights) is skipped too, even if `latest` points at it
+    bad = tmp_path/'checkpoints'/'step_00000009'; (bad/'model').mkdir(parents=True)
+    (tmp_path/'checkpoints'/'latest').write_text('step_00000009')
+    assert latest_checkpoint(tmp_path).name == 'step_00000004'
+    monkeypatch.setattr(T, 'publish_checkpoint', real_publish)
+    tr = toy_trainer(tmp_path, steps=12); tr.fit(resume=True)
+    assert tr.history[0]['step'] == 5 and not (tmp_path/'checkpoints'/'.tmp-step_00000008').exists()
+    ref = toy_trainer(tmp_path/'ref', steps=12); ref.fit()
+    assert max(abs(x['loss'] - y['loss']) for x, y in zip(ref.history[4:], tr.history)) <= RESUME_TOL
+
+def test_checkpoint_is_a_loadable_model(tmp_path):
+    s = toy_trainer(tmp_path).fit()
+    m = MethodLM.from_pretrained(latest_checkpoint(tmp_path)/'model')
+    assert abs(T.evaluate(m, toy_blocks(16, seed=1))['loss'] - s['eval_loss']) < 1e-6
+
+# ---------------------------------------------------------------- non-finite losses
+class NaNAt(VanillaLM):
+    "Loss is NaN on the training calls listed in `bad`."
+    def __init__(self, lm, bad=()): super().__init__(lm); self.bad, self.calls = set(bad), 0
+    def forward(self, input_ids, labels=None, **kw):
+        out = super().forward(input_ids, labels=labels, **kw)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.bad: out.loss = out.loss * float('nan')
+        return out
+
+def nan_model(bad): return NaNAt(build_lm(vocab_size=64, d_model=32, n_layer=1, n_head=2, max_positions=64), bad)
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    m = nan_model({2, 5, 6})
+    w = {k: v.clone() for k, v in m.state_dict().items()}
+    tr = toy_trainer(tmp_path, model=m, steps=8, grad_accum=1)
+    s = tr.fit()
+    assert s['skipped'] == 3 and math.isfinite(s['eval_loss'])
+    assert [r['skipped'] for r in tr.history] == [0, 1, 1, 1, 2, 3, 3, 3]
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+def test_nonfinite_with_grad_accum_skips_whole_step(tmp_path):
+    tr = toy_trainer(tmp_path, model=nan_model({3}), steps=4, grad_accum=2)  # call 3 = step 2, micro-batch 1
+    s = tr.fit()
+    assert s['skipped'] == 1 and [r['skipped'] for r in tr.history] == [0, 1, 1, 1]
+
+def test_consecutive_nonfinite_stop_with_last_good_checkpoint(tmp_path):
+    m = nan_model(range(4, 1000))
+    tr = toy_trainer(tmp_path, model=m, steps=20, max_bad_steps=3)
+    good = None
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps.*last good weights are saved in .*step_00000006"):
+        tr.fit()
+    ck = latest_checkpoint(tmp_path)
+    assert ck.name == 'step_00000006'
+    loaded = MethodLM.from_pretrained(ck/'model')
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    # the saved weights are those after step 3, the last good update
+    ref = toy_trainer(tmp_path/'ref', model=nan_model(()), steps=20); ref.fit(stop_at=3)
+    ref_w = MethodLM.from_pretrained(latest_checkpoint(tmp_path/'ref')/'model').state_dict()
+    assert all(torch.equal(ref_w[k], v) for k, v in loaded.state_dict().items())
+
+# ---------------------------------------------------------------- config and preflight errors
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key 'train\.stepz'.*'steps'"): load_config(None, ['train.stepz=3'])
+    (tmp_path/'c.yaml').write_text('trian: {}\n')
+    with pytest.raises(ValueError, match="valid sections"): load_config(tmp_path/'c.yaml')
+    with pytest.raises(ValueError, match=r"not arguments of .*valid: \[.*n_thoughts"):
+        load_config(None, ['model.method=latent', 'model.method_args={n_thought: 1}'])
+    with pytest.raises(ValueError, match="registered methods"): load_config(None, ['model.method=quantum'])
+    with pytest.raises(ValueError, match="known presets"): load_config(None, ['model.preset=pythia-7b'])
+    with pytest.raises(ValueError, match="must be >= 1"): load_config(None, ['data.batch_size=0'])
+    with pytest.raises(FileNotFoundError, match="configs/"): load_config(tmp_path/'missing.yaml')
+
+def test_resume_with_other_model_is_an_error(tmp_path):
+    toy_trainer(tmp_path, steps=4).fit()
+    cfg = toy_cfg(tmp_path, steps=8); cfg.model.n_layer = 2
+    with pytest.raises(ValueError, match=r"different model config \(model\.n_layer: saved 1, now 2\)"):
+        Trainer(cfg, train_blocks=toy_blocks(), val_blocks=toy_blocks(16, seed=1)).fit(resume=True)
+    with pytest.raises(FileExistsError, match="--resume"): toy_trainer(tmp_path, steps=8).fit()
+
+def test_unwritable_or_full_disk_fails_before_training(tmp_path, monkeypatch):
+    (tmp_path/'a_file').write_text('x')
+    tr = toy_trainer(tmp_path/'a_file'/'run')
+    with pytest.raises(RuntimeError, match="cannot write to train.out_dir"): tr.fit()
+    assert tr.history == []
+    import shutil, collections
+    Usage = collections.namedtuple('Usage', 'total used free')
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: Usage(10**9, 10**9 - 10**5, 10**5))
+    tr = toy_trainer(tmp_path/'full')
+    with pytest.raises(RuntimeError, match=r"not enough free disk .* 0\.00 GB free"): tr.fit()
+    assert tr.history == [] and not (tmp_path/'full'/'metrics.jsonl').exists()
+
+def test_build_model_from_config():
+    m = build_model(ModelConfig(preset='micro', method='latent', method_args={'n_thoughts': 1, 'train_iters': [2, 3]}), 128)
+    assert m.method == 'latent' and m.config.vocab_size == 128 and m.config.hidden_size == 64
