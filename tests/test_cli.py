@@ -1,0 +1,60 @@
+"""The `latent-thoughts` command: help for every subcommand, errors, and a train -> eval -> generate round trip."""
+import contextlib, io, json, os, subprocess, sys
+from pathlib import Path
+import pytest
+from latent_thoughts.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1'}
+
+def run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: rc = main(argv)
+        except SystemExit as e: rc = e.code
+    return rc, out.getvalue() + err.getvalue()
+
+@pytest.mark.parametrize('cmd', ['prepare', 'train', 'eval', 'generate', 'demo'])
+def test_help(cmd):
+    rc, txt = run([cmd, '--help'])
+    assert rc == 0 and f'usage: latent-thoughts {cmd}' in txt and len(txt) > 300, txt
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent/'latent-thoughts'
+    r = subprocess.run([str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ['-m', 'latent_thoughts.cli']), '--help'],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0
+    for cmd in ('prepare', 'train', 'eval', 'generate', 'demo', 'harness', 'flops'): assert cmd in r.stdout
+
+def test_errors_are_one_clear_line(tmp_path):
+    rc, txt = run(['train', '--config', 'micro', 'train.nope=1']); assert rc == 1 and 'valid keys of train' in txt
+    rc, txt = run(['train', '--config', str(tmp_path/'none.yaml')]); assert rc == 1 and 'no config' in txt
+    rc, txt = run(['eval', '--checkpoint', str(tmp_path)]); assert rc == 1 and 'not a run, checkpoint or model directory' in txt
+    rc, txt = run([]); assert rc == 2 and 'examples:' in txt
+
+def test_flops_passthrough():
+    rc, txt = run(['flops', '--help'])
+    assert rc == 0 and 'usage' in txt.lower()
+
+def test_train_eval_generate_round_trip(tmp_path):
+    "Train a micro latent model for 3 steps, evaluate it on validation and generate from it, each by the CLI."
+    cli = [sys.executable, '-m', 'latent_thoughts.cli']
+    out = tmp_path/'run'
+    r = subprocess.run(cli + ['train', '--config', 'micro', 'model.method=latent', 'model.method_args={n_thoughts: 1, train_iters: [2, 3]}',
+                              'train.steps=3', 'data.batch_size=4', 'data.eval_max_blocks=4', 'train.progress=false',
+                              f'train.out_dir={out}'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index('{'):])
+    assert summary['step'] == 3 and Path(summary['checkpoint']).name == 'step_00000003'
+    recs = [json.loads(l) for l in (out/'metrics.jsonl').read_text().splitlines()]
+    assert {'step', 'loss', 'lr', 'tokens', 'tokens_per_s', 'grad_norm', 'residual_1', 'residual_2'} <= set(recs[0])
+    assert any('eval_ppl' in r for r in recs)
+    r = subprocess.run(cli + ['eval', '--checkpoint', str(out), '--max-tokens', '300', '--jacobi-iters', '2'],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads(r.stdout[r.stdout.index('{'):])
+    assert ev['split'] == 'validation' and ev['method'] == 'latent' and 1 < ev['ppl'] < 10_000 and ev['n_tokens'] == 300
+    r = subprocess.run(cli + ['generate', '--checkpoint', str(out/'checkpoints'/'step_00000003'), '--prompt', 'ROMEO:',
+                              '--max-new-tokens', '8', '--temperature', '1'], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith('ROMEO:') and len(r.stdout.strip()) > len('ROMEO:')
