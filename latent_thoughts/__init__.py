@@ -10,3 +10,4 @@ from .adaptive import AdaptiveLatentLM, Router, parallel_mask, halt_step, target
 from .baselines import PauseLM, LoopedLM, PonderingLM, double_params_model
 from .evaluation import perplexity, score_windows, rolling_windows, load_documents
 from .flops import flops_per_token, train_flops_per_token, model_counts, LEDGER
+from .trainer import Trainer, train, evaluate as evaluate_blocks; from .config import Config, ModelConfig, DataConfig, TrainConfig, load_config, build_model
