@@ -156,3 +156,12 @@ def test_unwritable_or_full_disk_fails_before_training(tmp_path, monkeypatch):
 def test_build_model_from_config():
     m = build_model(ModelConfig(preset='micro', method='latent', method_args={'n_thoughts': 1, 'train_iters': [2, 3]}), 128)
     assert m.method == 'latent' and m.config.vocab_size == 128 and m.config.hidden_size == 64
+
+def test_init_from_pretrained_hf_model(tmp_path):
+    "Continual pretraining: model.init_from wraps a saved HF causal LM (its weights, its shape) in the chosen method."
+    lm = build_lm(vocab_size=96, d_model=32, n_layer=1, n_head=2, max_positions=64, seed=3)
+    lm.save_pretrained(tmp_path/'hf')
+    m = build_model(ModelConfig(init_from=str(tmp_path/'hf'), method='latent', method_args={'n_thoughts': 1, 'train_iters': [2]}))
+    assert m.method == 'latent' and m.config.vocab_size == 96
+    ref = lm.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in m.lm.state_dict().items())
