@@ -29,7 +29,8 @@ Gaps over 30% and why:
 - Training looped L=2 (2.25x vs 1.62x): on the tiny preset the LM head is 40% of vanilla's FLOPs and is computed
   once for L loops, so the detailed count is far below L; the time of every pass also carries work the ledger
   does not count (norms, rotary, mask building, Python), which scales with passes. L=4 (2.55x vs 2.86x) is
-  within 11%; the L=2 number is the noisiest of this shared machine (other runs gave 1.6-2.3x).
+  within 11%; on this shared machine the L=2 row is the least stable (an earlier, heavily loaded run with medians
+  instead of minima gave nonsense for it), so read it as "about L".
 - Latent training (4.5x/5.7x) is close to the detailed count (5.0x/6.3x) and well below 3 + 2K (7x/9x): its
   Jacobi passes skip the vocabulary projection, which dominates FLOPs at this size; at LLaMA-1.4B scale the
   detailed count is 3 + 2K within 3% (see `latent-thoughts flops`).
