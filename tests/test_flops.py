@@ -112,10 +112,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match='train_iters'): flops_per_token('latent', 'micro', train_iters=[])
 
 def test_cli(capsys):
-    rows = cli(['--preset', 'llama-1.4b'])
+    assert cli(['--preset', 'llama-1.4b']) is None   # the CLI's exit status
     out = capsys.readouterr().out
     for name in ('vanilla 2x params (llama-2.8b)', 'pause n_pause=3', 'looped n_loops=4', 'pondering n_ponder=1', 'latent n_thoughts=1'):
         assert name in out
-    rows = cli(['--preset', 'tiny', '--seq-len', '256', '--json'])
+    cli(['--preset', 'tiny', '--seq-len', '256', '--json'])
     assert {r['method'] for r in json.loads(capsys.readouterr().out)} == set(LEDGER)
     with pytest.raises(SystemExit): cli(['--preset', 'nope'])
