@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data demo test test-fast test-slow test-cuda check-sync figures bench export clean-nbs
+.PHONY: setup data demo test test-fast test-slow test-cuda check-sync figures bench micro export clean-nbs
 
 $(STAMP): setup.py settings.ini
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -48,6 +48,10 @@ test-cuda: setup
 
 figures: setup
 	bash tools/run_figures.sh
+
+# the micro checkpoints the paper notebooks default to (shipped in assets/; this retrains them, resumably)
+micro: setup
+	bash tools/train_micro.sh
 
 bench: setup
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
