@@ -36,6 +36,15 @@ def test_flops_passthrough():
     rc, txt = run(['flops', '--help'])
     assert rc == 0 and 'usage' in txt.lower()
 
+def test_harness_passthrough_exit_status(tmp_path):
+    "The harness through the console entry point: exit status 0 on success, a one-line error (status 1) on bad input."
+    out = tmp_path/'res.json'
+    rc, txt = run(['harness', '--checkpoint', str(ROOT/'assets'/'micro-vanilla'), '--tasks', 'lt_nextline', '--limit', '3',
+                   '--output', str(out)])
+    assert rc == 0 and out.exists() and "'results'" not in txt, txt[-500:]
+    rc, txt = run(['harness', '--checkpoint', str(tmp_path), '--tasks', 'lt_nextline'])
+    assert rc == 1 and 'latent-thoughts harness: error:' in txt, txt[-500:]
+
 def test_train_eval_generate_round_trip(tmp_path):
     "Train a micro latent model for 3 steps, evaluate it on validation and generate from it, each by the CLI."
     cli = [sys.executable, '-m', 'latent_thoughts.cli']
