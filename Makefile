@@ -36,15 +36,16 @@ check-sync: $(STAMP)
 
 test: setup check-sync
 	$(VENV)/bin/nbdev_test --n_workers 2 --timing
-	$(VENV)/bin/pytest -m "not slow and not cuda" tests
+	$(VENV)/bin/pytest -rs -m "not slow and not cuda" tests
+	@echo "slow and GPU tests were deselected (and notebook cells flagged slow/cuda skipped): make test-slow, make test-cuda"
 
 test-slow: setup
 	$(VENV)/bin/nbdev_test --n_workers 2 --flags slow
-	$(VENV)/bin/pytest -m "slow" tests
+	$(VENV)/bin/pytest -rs -m "slow" tests
 
 test-cuda: setup
 	$(VENV)/bin/nbdev_test --flags cuda
-	$(VENV)/bin/pytest -m "cuda" tests
+	$(VENV)/bin/pytest -rs -m "cuda" tests
 
 figures: setup
 	bash tools/run_figures.sh
