@@ -72,6 +72,16 @@ def test_flash_path_without_the_hook_splits_the_stream(arch):
         assert sees_whole_stream(lm, torch.arange(4).repeat_interleave(2))
 
 @pytest.mark.parametrize('arch', ARCHS)
+def test_wrapping_a_flash_model_keeps_the_stream_whole(arch):
+    "A HF model loaded with flash attention by the user (no `set_attention_backend`) is safe once wrapped."
+    lm = tiny_lm(arch).eval()
+    with emulate_flash_attention():
+        lm.config._attn_implementation = 'flash_attention_2'
+        assert not sees_whole_stream(lm, torch.arange(4).repeat_interleave(2))
+        m = LatentThoughtLM(lm, n_thoughts=1)
+        assert sees_whole_stream(m, torch.arange(4).repeat_interleave(2))
+
+@pytest.mark.parametrize('arch', ARCHS)
 @pytest.mark.parametrize('rows', ['one', 'padded'])
 def test_latent_on_flash_path_equals_sdpa(arch, rows):
     "Forward logits, gradients and cached greedy generation of a latent model on the flash path equal SDPA (float64)."
