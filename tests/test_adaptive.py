@@ -107,8 +107,12 @@ def test_stepwise_cache_equals_dense_pass(arch, thr):
 def test_threshold_zero_is_no_pruning_and_pruning_cuts_flops():
     m = make('llama', k_max=4)
     ids = ids_()
-    o0, oN = m(ids, labels=ids, threshold=0.0), m(ids, labels=ids)   # default prune_threshold = 0
+    o0 = m(ids, labels=ids, threshold=0.0)
+    oN = m.train()(ids, labels=ids); m.eval()                       # training: default prune_threshold = 0
     torch.testing.assert_close(o0.logits, oN.logits, rtol=0, atol=0)
+    # eval mode halts at tau by default, as generation does (so perplexity scores the model that generates)
+    torch.testing.assert_close(m(ids).logits, m(ids, threshold=m.halt_threshold).logits, rtol=0, atol=0)
+    assert m(ids).metrics['steps_executed'] < o0.metrics['steps_executed']
     op = m(ids, labels=ids, threshold=0.25)
     assert op.metrics['compute_frac'] < 1.0 and op.metrics['flops_per_token'] < o0.metrics['flops_per_token']
     assert op.metrics['compute_frac_batched'] >= op.metrics['compute_frac'] - 1e-12

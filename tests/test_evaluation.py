@@ -89,6 +89,24 @@ def test_latent_model_mode_recorded_and_exact(tok):
         assert x[0] == pytest.approx(score_windows(m, [it], jacobi_iters=2)[0][0], rel=1e-9)
 
 
+def test_adaptive_scored_as_it_generates(tok):
+    "An adaptive model is scored halting at tau (the model `generate` runs), and the result says so."
+    adaptive = pytest.importorskip('latent_thoughts.adaptive')
+    m = adaptive.AdaptiveLatentLM(tiny(tok), k_max=3, halt_threshold=0.4).eval()
+    r = perplexity(m, tok, source=TEXTS, block_size=64, progress=False)
+    assert r['eval_mode'] == {'threshold': 0.4}
+    ids = torch.tensor([token_stream(TEXTS, tok)[:64]])
+    full = m(ids, labels=ids, threshold=0.0).metrics['ce']
+    assert m(ids, labels=ids).metrics['ce'] == pytest.approx(m(ids, labels=ids, threshold=0.4).metrics['ce'], rel=1e-12)
+    assert m(ids, labels=ids).metrics['ce'] != pytest.approx(full, rel=1e-9)
+
+def test_trained_length_is_the_default_window(tok, tmp_path):
+    m = VanillaLM(tiny(tok)); m.train_block_size = 32
+    r = perplexity(m, tok, source=TEXTS, progress=False)
+    assert r['block_size'] == 32
+    m.save_pretrained(tmp_path/'ck', tokenizer=tok)
+    assert perplexity(tmp_path/'ck', source=TEXTS, progress=False)['block_size'] == 32
+
 def test_sources_and_checkpoint(tok, tmp_path):
     lm = tiny(tok)
     (tmp_path/'d.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS))

@@ -123,3 +123,11 @@ def test_fewshot(tok, tmp_path):
     VanillaLM(build_lm(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, max_positions=1024)).save_pretrained(tmp_path/'v', tokenizer=tok)
     res = evaluate(tmp_path/'v', ['lt_nextline'], num_fewshot=2, limit=2)
     assert res['n-shot']['lt_nextline'] == 2
+
+
+def test_max_length_is_the_trained_length(tok):
+    "Contexts are cut to the length the model was trained on (recorded by the trainer), not its position table."
+    m = VanillaLM(build_lm(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, max_positions=256))
+    assert HarnessLM(m, tokenizer=tok).max_length == 256
+    m.train_block_size = 48
+    assert HarnessLM(m, tokenizer=tok).max_length == 48
