@@ -109,6 +109,34 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert [r['skipped'] for r in tr.history] == [0, 1, 1, 1, 2, 3, 3, 3]
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
+def test_fp16_scaler_skips_overflow_and_resumes_its_scale(tmp_path, monkeypatch):
+    "fp16 as accelerate sets it up on CUDA (native AMP + GradScaler), emulated on CPU: a non-finite step is skipped by the\n    scaler, which halves its scale; training goes on; the scale is checkpointed and restored on resume."
+    from latent_thoughts import trainer as T
+    make = T.make_accelerator
+    def fp16_acc(t, out_dir):
+        acc = make(t, out_dir); acc.scaler = torch.amp.GradScaler('cpu', init_scale=2.**8); acc.native_amp = True
+        return acc
+    monkeypatch.setattr(T, 'make_accelerator', fp16_acc)
+    tr = toy_trainer(tmp_path, model=nan_model({2}), steps=4, grad_accum=1, mixed_precision='fp16')
+    s = tr.fit(stop_at=3)
+    assert s['skipped'] == 1 and [r['skipped'] for r in tr.history] == [0, 1, 1]
+    assert tr.acc.scaler.get_scale() == 2.**7
+    tr2 = toy_trainer(tmp_path, model=nan_model(()), steps=4, grad_accum=1, mixed_precision='fp16')
+    s2 = tr2.fit(resume=True)
+    assert s2['step'] == 4 and s2['skipped'] == 1 and tr2.acc.scaler.get_scale() == 2.**7
+
+def test_adaptive_validation_is_cross_entropy(tmp_path):
+    "The validation loss is the next-token CE, not CE + the adaptive router penalty."
+    from latent_thoughts.adaptive import AdaptiveLatentLM
+    from latent_thoughts.trainer import evaluate
+    m = AdaptiveLatentLM(build_lm(vocab_size=64, d_model=32, n_layer=1, n_head=2, max_positions=64), k_max=3,
+                         adaptive_weight=5.0)
+    blocks = toy_blocks(8, seed=1)
+    r = evaluate(m, blocks, batch_size=8)
+    x = torch.stack([torch.as_tensor(b) for b in blocks])
+    with torch.no_grad(): out = m.eval()(x, labels=x)
+    assert r['loss'] == pytest.approx(out.metrics['ce'], rel=1e-6) and out.loss.item() > r['loss'] + 1e-4
+
 def test_nonfinite_with_grad_accum_skips_whole_step(tmp_path):
     tr = toy_trainer(tmp_path, model=nan_model({3}), steps=4, grad_accum=2)  # call 3 = step 2, micro-batch 1
     s = tr.fit()
