@@ -131,3 +131,12 @@ def test_max_length_is_the_trained_length(tok):
     assert HarnessLM(m, tokenizer=tok).max_length == 256
     m.train_block_size = 48
     assert HarnessLM(m, tokenizer=tok).max_length == 48
+
+
+def test_lastword_continuation_carries_its_space(tok, tmp_path):
+    "lm-eval passes a loglikelihood target as is (no target_delimiter): the scored word must start with its space."
+    VanillaLM(build_lm(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, max_positions=256)).save_pretrained(tmp_path/'v', tokenizer=tok)
+    res = evaluate(tmp_path/'v', ['lt_lastword'], limit=2, log_samples=True)
+    for smp in res['samples']['lt_lastword']:
+        ctx, cont = smp['arguments'][0]
+        assert cont.startswith(' ') and not cont.startswith('  ') and not ctx.endswith(' ') and cont.strip() == smp['doc']['word']
