@@ -62,23 +62,15 @@ def test_init_from_gets_the_backend(tmp_path):
         assert sees_whole_stream(m, torch.arange(5).repeat_interleave(2))
 
 @pytest.mark.parametrize('arch', ARCHS)
-def test_flash_path_without_the_hook_splits_the_stream(arch):
-    "The trap is real on HF's flash path (so the fix below is tested against something): one row, reused positions."
+@pytest.mark.parametrize('fix', ['keep_streams_whole', 'wrap'])
+def test_flash_path_splits_the_stream_unless_fixed(arch, fix):
+    """The trap is real on HF's flash path (one row, reused positions); the hook fixes it, and every MethodLM installs it
+    when it wraps a model loaded with flash attention by other means (no `set_attention_backend`)."""
     lm = tiny_lm(arch).eval()
     with emulate_flash_attention():
         lm.config._attn_implementation = 'flash_attention_2'
         assert not sees_whole_stream(lm, torch.arange(4).repeat_interleave(2))
-        keep_streams_whole(lm)
-        assert sees_whole_stream(lm, torch.arange(4).repeat_interleave(2))
-
-@pytest.mark.parametrize('arch', ARCHS)
-def test_wrapping_a_flash_model_keeps_the_stream_whole(arch):
-    "A HF model loaded with flash attention by the user (no `set_attention_backend`) is safe once wrapped."
-    lm = tiny_lm(arch).eval()
-    with emulate_flash_attention():
-        lm.config._attn_implementation = 'flash_attention_2'
-        assert not sees_whole_stream(lm, torch.arange(4).repeat_interleave(2))
-        m = LatentThoughtLM(lm, n_thoughts=1)
+        m = keep_streams_whole(lm) if fix == 'keep_streams_whole' else LatentThoughtLM(lm, n_thoughts=1)
         assert sees_whole_stream(m, torch.arange(4).repeat_interleave(2))
 
 @pytest.mark.parametrize('arch', ARCHS)
