@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data demo test test-fast test-slow test-cuda check-sync figures bench micro export clean-nbs
+.PHONY: setup data demo test test-fast test-slow test-cuda check-sync figures figures-smoke bench micro export clean-nbs
 
 $(STAMP): setup.py settings.ini
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -47,8 +47,14 @@ test-cuda: setup
 	$(VENV)/bin/nbdev_test --flags cuda
 	$(VENV)/bin/pytest -rs -m "cuda" tests
 
+# every paper notebook (nbs/figNN_*, tabNN_*, adaptive_*) on its defaults -> figures/; one: make figures ONLY='fig12*'
+ONLY ?= *
 figures: setup
-	bash tools/run_figures.sh
+	bash tools/run_figures.sh --only '$(ONLY)'
+
+# the same notebooks at smoke scale (their `(smoke: ...)` parameter values) -> executed/smoke/figures/
+figures-smoke: setup
+	bash tools/run_figures.sh --smoke --only '$(ONLY)'
 
 # the micro checkpoints the paper notebooks default to (shipped in assets/; this retrains them, resumably)
 micro: setup

@@ -48,7 +48,9 @@ def methods(lm):
     try:
         from latent_thoughts.latent import LatentThoughtLM
         out += [('latent N=1 K=2', LatentThoughtLM(lm, n_thoughts=1, train_iters=2)),
-                ('latent N=1 K=3', LatentThoughtLM(lm, n_thoughts=1, train_iters=3))]
+                ('latent N=1 K=3', LatentThoughtLM(lm, n_thoughts=1, train_iters=3)),
+                ('latent N=2 K=2 grow', LatentThoughtLM(lm, n_thoughts=2, train_iters=2, thought_init='grow')),
+                ('latent N=2 K=2 plain', LatentThoughtLM(lm, n_thoughts=2, train_iters=2, thought_init='plain'))]
     except ImportError as e: print(f"(latent skipped: {e})")
     try:
         from latent_thoughts.adaptive import AdaptiveLatentLM
@@ -97,9 +99,9 @@ def main(argv=None):
     v_train, v_dec = rows[0][1], rows[0][2]
     print(f"\n{a.preset} on {a.device}, train step batch {a.batch}x{a.seq_len}, greedy decode {a.new} tokens after a "
           f"{a.prompt}-token prompt (batch 1), {a.threads} threads, min of {a.reps} round-robin rounds")
-    print(f"{'method':18s} {'train s':>8s} {'train x':>8s} {'ledger':>7s} {'paper':>6s} | {'decode s':>9s} {'decode x':>9s} {'ledger':>7s} {'paper':>6s}")
+    print(f"{'method':20s} {'train s':>8s} {'train x':>8s} {'ledger':>7s} {'paper':>6s} | {'decode s':>9s} {'decode x':>9s} {'ledger':>7s} {'paper':>6s}")
     for name, tt, td, r in rows:
-        print(f"{name:18s} {tt:8.3f} {tt / v_train:8.2f} {r['training_ratio']:7.2f} {r['paper_training_ratio']:6.2f} | "
+        print(f"{name:20s} {tt:8.3f} {tt / v_train:8.2f} {r['training_ratio']:7.2f} {r['paper_training_ratio']:6.2f} | "
               f"{td:9.3f} {td / v_dec:9.2f} {r['inference_ratio']:7.2f} {r['paper_inference_ratio']:6.2f}")
     return rows
 

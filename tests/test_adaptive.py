@@ -105,10 +105,10 @@ def test_stepwise_cache_equals_dense_pass(arch, thr):
 
 
 def test_threshold_zero_is_no_pruning_and_pruning_cuts_flops():
-    m = make('llama', k_max=4)
+    m = make('llama', k_max=4, prune_threshold=0.0)
     ids = ids_()
     o0 = m(ids, labels=ids, threshold=0.0)
-    oN = m.train()(ids, labels=ids); m.eval()                       # training: default prune_threshold = 0
+    oN = m.train()(ids, labels=ids); m.eval()                       # training with prune_threshold = 0: nothing pruned
     torch.testing.assert_close(o0.logits, oN.logits, rtol=0, atol=0)
     # eval mode halts at tau by default, as generation does (so perplexity scores the model that generates)
     torch.testing.assert_close(m(ids).logits, m(ids, threshold=m.halt_threshold).logits, rtol=0, atol=0)
@@ -117,6 +117,24 @@ def test_threshold_zero_is_no_pruning_and_pruning_cuts_flops():
     assert op.metrics['compute_frac'] < 1.0 and op.metrics['flops_per_token'] < o0.metrics['flops_per_token']
     assert op.metrics['compute_frac_batched'] >= op.metrics['compute_frac'] - 1e-12
     assert any(op.metrics[f'pruned_frac_k{k}'] > 0 for k in range(2, 5))
+
+
+def test_training_prunes_by_default():
+    """Training prunes by default (the paper trains with pruning; the default is tau's value): with a router that halts,
+    the executed steps, counted by the naive reference, are < K_max; prune_threshold=0 runs all of them."""
+    from latent_thoughts.config import ModelConfig, build_model
+    ids = ids_()
+    m = make('llama', k_max=4, router_bias=-2.0).train()        # a router biased to halt (gates spread around 0.12)
+    assert m.prune_threshold == m.halt_threshold == 0.1
+    out = m(ids, labels=ids)
+    with torch.no_grad(): _, _, _, ex = reference(m, ids, threshold=m.prune_threshold)
+    steps = ex.sum(-1).double()
+    assert out.metrics['steps_executed'] == pytest.approx(steps.mean().item(), abs=1e-12)
+    assert steps.mean() < 3 and (steps == 1).any(), steps
+    off = make('llama', k_max=4, router_bias=-2.0, prune_threshold=0.0).train()
+    assert off(ids, labels=ids).metrics['steps_executed'] == 4.0
+    cfg_model = build_model(ModelConfig(method='adaptive', d_model=32, n_layer=1, n_head=2, vocab_size=64))
+    assert cfg_model.prune_threshold == 0.1                     # configs that do not set it prune too
 
 
 @pytest.mark.parametrize('arch', ['llama', 'gpt_neox'])

@@ -15,8 +15,9 @@ def tiny(arch, dtype=torch.float64, seed=0):
                     attn_implementation='sdpa', dtype=dtype)
 
 def variants(arch):
-    return [PauseLM(tiny(arch), n_pause=2), PauseLM(tiny(arch), n_pause=1, position_mode='sequential'),
-            LoopedLM(tiny(arch), n_loops=3), PonderingLM(tiny(arch), n_ponder=2)]
+    return [PauseLM(tiny(arch), n_pause=2), PauseLM(tiny(arch), n_pause=2, position_mode='sequential', distinct_pauses=True),
+            LoopedLM(tiny(arch), n_loops=3), LoopedLM(tiny(arch), n_loops=2, feedback='post_norm'),
+            PonderingLM(tiny(arch), n_ponder=2), PonderingLM(tiny(arch), n_ponder=2, accumulate=False, scale_by_steps=True)]
 
 def greedy_recompute(m, ids, n):
     for _ in range(n): ids = torch.cat([ids, m(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
@@ -32,7 +33,8 @@ def test_zero_extra_steps_is_vanilla(arch):
     am = torch.ones_like(ids); am[1, 6:] = 0
     ref = lm(ids).logits
     van = VanillaLM(lm).eval()
-    for m in (PauseLM(lm, n_pause=0), PauseLM(lm, n_pause=0, position_mode='sequential'), LoopedLM(lm, n_loops=1), PonderingLM(lm, n_ponder=0)):
+    for m in (PauseLM(lm, n_pause=0), PauseLM(lm, n_pause=0, position_mode='sequential', distinct_pauses=True), LoopedLM(lm, n_loops=1),
+              LoopedLM(lm, n_loops=1, feedback='post_norm'), PonderingLM(lm, n_ponder=0), PonderingLM(lm, n_ponder=0, scale_by_steps=True)):
         m.eval()
         with torch.no_grad():
             assert (m(ids).logits - ref).abs().max() < 1e-10
@@ -84,8 +86,11 @@ def test_sampling_with_cache_matches_recompute():
         for _ in range(5): seq = torch.cat([seq, sample_next(m(seq).logits[:, -1], True, generator=g)[:, None]], 1)
     assert torch.equal(g1, seq)
 
-@pytest.mark.parametrize('cls,args', [(PauseLM, dict(n_pause=2, position_mode='sequential')), (LoopedLM, dict(n_loops=2)),
-                                      (PonderingLM, dict(n_ponder=3))])
+@pytest.mark.parametrize('cls,args', [(PauseLM, dict(n_pause=2, position_mode='sequential', distinct_pauses=False)),
+                                      (PauseLM, dict(n_pause=3, position_mode='reuse', distinct_pauses=True)),
+                                      (LoopedLM, dict(n_loops=2, feedback='residual')), (LoopedLM, dict(n_loops=3, feedback='post_norm')),
+                                      (PonderingLM, dict(n_ponder=3, accumulate=True, scale_by_steps=False)),
+                                      (PonderingLM, dict(n_ponder=2, accumulate=False, scale_by_steps=True))])
 def test_checkpoint_round_trip(cls, args, tmp_path):
     m = cls(tiny('gpt2'), **args).eval()
     assert m.method_config() == args
@@ -101,7 +106,9 @@ def test_bad_input():
     lm = tiny('llama')
     for f, msg in [(lambda: PauseLM(lm, n_pause=-1), 'n_pause'), (lambda: PauseLM(lm, n_pause=True), 'integer'),
                    (lambda: PauseLM(lm, position_mode='x'), 'position_mode'), (lambda: LoopedLM(lm, n_loops=0), 'n_loops'),
-                   (lambda: PonderingLM(lm, n_ponder=-2), 'n_ponder')]:
+                   (lambda: PonderingLM(lm, n_ponder=-2), 'n_ponder'), (lambda: PauseLM(lm, distinct_pauses='yes'), 'distinct_pauses'),
+                   (lambda: LoopedLM(lm, feedback='pre_norm'), 'feedback'), (lambda: PonderingLM(lm, accumulate=None), 'accumulate'),
+                   (lambda: PonderingLM(lm, scale_by_steps=1), 'scale_by_steps')]:
         with pytest.raises(ValueError, match=msg): f()
     with pytest.raises(TypeError, match='causal LM'): LoopedLM(torch.nn.Linear(2, 2))
     ids = torch.randint(0, V, (2, 6))
@@ -122,7 +129,9 @@ def _train(m, steps=12, lr=3e-3):
     return losses
 
 @pytest.mark.parametrize('cls,args', [(PauseLM, dict(n_pause=1)), (PauseLM, dict(n_pause=2, position_mode='sequential')),
-                                      (LoopedLM, dict(n_loops=2)), (PonderingLM, dict(n_ponder=1))])
+                                      (PauseLM, dict(n_pause=2, distinct_pauses=True)), (LoopedLM, dict(n_loops=2)),
+                                      (LoopedLM, dict(n_loops=2, feedback='post_norm')), (PonderingLM, dict(n_ponder=1)),
+                                      (PonderingLM, dict(n_ponder=2, accumulate=False, scale_by_steps=True))])
 def test_adamw_loss_decreases(cls, args):
     m = cls(tiny('gpt_neox', dtype=torch.float32), **args)
     before = {k: v.detach().clone() for k, v in m.named_parameters()}
@@ -149,3 +158,147 @@ def test_trainer_runs_every_baseline(tmp_path):
         assert t.flops_per_token and t.history[-1]['flops'] > 0, method
         m = MethodLM.from_pretrained(Path(s['checkpoint'])/'model')
         assert m.method == method and m.method_config() == t.model.method_config()
+
+# -- each baseline against a short by-hand definition (float64), written with the plain HF model only
+
+def pause_by_hand(lm, ids, p, reuse=True):
+    "[e(x_t), p_1 .. p_M] for every token, one plain HF call, logits at each token's last pause."
+    E, (B, T), M = lm.get_input_embeddings(), ids.shape, p.size(0)
+    rows = []
+    for t in range(T): rows += [E(ids[:, t])] + [p[i].expand(B, -1) for i in range(M)]
+    pos = torch.arange(T).repeat_interleave(M + 1) if reuse else torch.arange(T * (M + 1))
+    out = lm(inputs_embeds=torch.stack(rows, 1), position_ids=pos[None].expand(B, -1),
+             attention_mask=torch.ones(B, T * (M + 1), dtype=torch.long)).logits
+    return out[:, M::M + 1]
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_pause_by_hand(arch):
+    lm = tiny(arch).eval()
+    ids = torch.randint(0, V, (2, 6))
+    shared, distinct = PauseLM(lm, n_pause=3).eval(), PauseLM(lm, n_pause=3, distinct_pauses=True).eval()
+    assert shared.pause_embeds.shape == (1, 32) and distinct.pause_embeds.shape == (3, 32)
+    seq = PauseLM(lm, n_pause=2, position_mode='sequential').eval()
+    with torch.no_grad():
+        assert (shared(ids).logits - pause_by_hand(lm, ids, shared.pause_embeds[0].expand(3, -1))).abs().max() < 1e-10
+        assert (distinct(ids).logits - pause_by_hand(lm, ids, distinct.pause_embeds)).abs().max() < 1e-10
+        assert (seq(ids).logits - pause_by_hand(lm, ids, seq.pause_embeds[0].expand(2, -1), reuse=False)).abs().max() < 1e-10
+
+def test_one_pause_vector_is_tied_across_slots():
+    # the shared vector is the distinct model with all M vectors equal: same loss, and its gradient is the sum over slots
+    lm = tiny('llama')
+    ids = torch.randint(0, V, (2, 6))
+    one, many = PauseLM(lm, n_pause=3), PauseLM(lm, n_pause=3, distinct_pauses=True)
+    with torch.no_grad(): many.pause_embeds.copy_(one.pause_embeds.expand(3, -1))
+    l1, l3 = one(ids, labels=ids).loss, many(ids, labels=ids).loss
+    assert abs(l1 - l3) < 1e-12
+    g1, = torch.autograd.grad(l1, one.pause_embeds)
+    g3, = torch.autograd.grad(l3, many.pause_embeds)
+    assert (g1[0] - g3.sum(0)).abs().max() < 1e-12 and (g3[0] - g3[1]).abs().max() > 1e-8
+
+def test_pause_checkpoint_with_other_pause_layout(tmp_path):
+    m = PauseLM(tiny('gpt_neox'), n_pause=2, distinct_pauses=True)
+    m.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match='distinct_pauses=True'): MethodLM.from_pretrained(tmp_path, distinct_pauses=False)
+    assert MethodLM.from_pretrained(tmp_path).pause_embeds.shape == (2, 32)
+
+def unrolled(lm, n):
+    "The plain HF model with its L layers repeated n times (Saunshi et al.'s looped model written out)."
+    import copy, re
+    from transformers import AutoModelForCausalLM
+    L = lm.config.num_hidden_layers
+    cfg = copy.deepcopy(lm.config); cfg.num_hidden_layers = L * n
+    deep = AutoModelForCausalLM.from_config(cfg).to(lm.dtype)
+    sd = {}
+    for k, v in lm.state_dict().items():
+        g = re.search(r'\.(layers|h)\.(\d+)\.', k)
+        for r in (range(n) if g else [None]):
+            sd[k if g is None else k.replace(g.group(0), f'.{g.group(1)}.{int(g.group(2)) + r * L}.')] = v
+    deep.load_state_dict(sd)
+    return deep.eval()
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_looped_by_hand(arch):
+    lm = tiny(arch).eval()
+    ids = torch.randint(0, V, (3, 7))
+    am = torch.ones_like(ids); am[1, 5:] = 0
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for n in (2, 3):
+            deep = unrolled(lm, n)
+            m = LoopedLM(lm, n_loops=n).eval()
+            assert (m(ids).logits - deep(ids).logits).abs().max() < 1e-10
+            ref = deep(ids, attention_mask=am, position_ids=pos).logits
+            assert ((m(ids, attention_mask=am).logits - ref) * am[..., None]).abs().max() < 1e-10
+        # the 'post_norm' option: the HF base model applied n times to its own normed output
+        h = lm.get_input_embeddings()(ids)
+        for _ in range(3): h = lm.base_model(inputs_embeds=h, attention_mask=torch.ones_like(ids)).last_hidden_state
+        post = LoopedLM(lm, n_loops=3, feedback='post_norm').eval()(ids).logits
+        assert (post - lm.get_output_embeddings()(h)).abs().max() < 1e-10
+        assert (post - LoopedLM(lm, n_loops=3).eval()(ids).logits).abs().max() > 1e-3
+
+def test_looped_stand_ins_do_not_outlive_a_loop():
+    lm = tiny('gpt2', seed=1)
+    m = LoopedLM(lm, n_loops=3)
+    kinds = lambda: [type(mod).__name__ for mod in (lm.transformer.ln_f, lm.transformer.wpe, lm.transformer.drop)]
+    m(torch.randint(0, V, (1, 5)), labels=torch.randint(0, V, (1, 5))).loss.backward()
+    m.eval().generate(torch.randint(0, V, (1, 4)), max_new_tokens=3)
+    assert kinds() == ['LayerNorm', 'Embedding', 'Dropout']
+    assert set(dict(lm.named_parameters())) == set(dict(tiny('gpt2').named_parameters()))
+    with pytest.raises(Exception): m(torch.randint(0, V, (1, 200)))   # past GPT-2's 128 positions, inside a loop
+    assert kinds() == ['LayerNorm', 'Embedding', 'Dropout']
+
+def test_looped_under_torch_compile():
+    # a compiled base model must not replay one loop's graph for another (forward hooks did: dynamo does not guard them;
+    # GPT-2 is the case that showed it, its three swapped modules all differ between loops)
+    lm = tiny('gpt2').eval()
+    ids = torch.randint(0, V, (2, 5))
+    m = LoopedLM(lm, n_loops=3).eval()
+    with torch.no_grad():
+        ref = m(ids).logits
+        from torch._dynamo.utils import counters
+        counters.clear()
+        lm.base_model.compile(backend='eager')   # dynamo's tracing and guards, no code generation (fast, CPU-only machines)
+        try:
+            for _ in range(3): assert (m(ids).logits - ref).abs().max() < 1e-10
+            assert counters['stats']['unique_graphs'] == 3   # one graph per kind of loop (first, middle, last), not one per call
+        finally: torch._dynamo.reset()
+
+def ponder_by_hand(lm, ids, P, accumulate=True, scale_by_steps=False, s=1.0):
+    "P plain HF passes, each adding softmax(logits) @ (s·W_E) to the running input (or to the start), then the final pass."
+    W = lm.get_input_embeddings().weight * s
+    x0 = lm.get_input_embeddings()(ids) * s * (P if scale_by_steps else 1)
+    x = x0
+    for _ in range(P):
+        x = (x if accumulate else x0) + lm(inputs_embeds=x, attention_mask=torch.ones_like(ids)).logits.softmax(-1) @ W
+    return lm(inputs_embeds=x, attention_mask=torch.ones_like(ids)).logits
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_pondering_by_hand(arch):
+    lm = tiny(arch).eval()
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        for acc in (True, False):
+            for sbs in (False, True):
+                m = PonderingLM(lm, n_ponder=3, accumulate=acc, scale_by_steps=sbs).eval()
+                assert (m(ids).logits - ponder_by_hand(lm, ids, 3, acc, sbs)).abs().max() < 1e-10, (acc, sbs)
+        assert (PonderingLM(lm, n_ponder=2).eval()(ids).logits - ponder_by_hand(lm, ids, 2, False)).abs().max() > 1e-6
+    assert PonderingLM.interpolates_embeddings and not any(getattr(c, 'interpolates_embeddings', False) for c in (PauseLM, LoopedLM))
+
+def test_embedding_scale_reaches_every_baseline_input():
+    # e(x), the pause vector and the interpolated pondering embedding are all scaled like token embeddings
+    lm = tiny('gpt_neox').eval()
+    probe = PonderingLM(lm)
+    if not hasattr(probe, 'embed_scale'): pytest.skip('MethodLM.embed_scale not in core yet')
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        m = PonderingLM(lm, n_ponder=2).eval(); m.embed_scale = 3.0
+        assert (m(ids).logits - ponder_by_hand(lm, ids, 2, s=3.0)).abs().max() < 1e-10
+        p = PauseLM(lm, n_pause=2).eval(); p.embed_scale = 3.0
+        E = lm.get_input_embeddings()
+        class Scaled(torch.nn.Module):   # the HF model with its token embeddings times 3
+            def __init__(s): super().__init__(); s.lm = lm
+            def __call__(s, inputs_embeds, **kw): return lm(inputs_embeds=inputs_embeds, **kw)
+            def get_input_embeddings(s): return lambda t: 3.0 * E(t)
+        assert (p(ids).logits - pause_by_hand(Scaled(), ids, 3.0 * p.pause_embeds[0].expand(2, -1))).abs().max() < 1e-10
+        lp = LoopedLM(lm, n_loops=2).eval(); lp.embed_scale = 3.0
+        assert (lp(ids).logits - unrolled(lm, 2)(inputs_embeds=3.0 * E(ids)).logits).abs().max() < 1e-10

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from latent_thoughts.data import (EOT, SPLITS, BlockLoader, PackedBlocks, corpus_manifest, data_dir, eval_batches,
-                                  get_blocks, get_tokenizer, iter_documents, prepare_corpus, split_documents,
-                                  train_tokenizer)
+from latent_thoughts.data import (EOT, SPLITS, BlockLoader, PackedBlocks, StreamLoader, TokenStream, corpus_manifest,
+                                  data_dir, doc_stream, eval_batches, get_blocks, get_tokenizer, iter_documents,
+                                  prepare_corpus, split_documents, train_tokenizer)
 
 TEXTS = ['Once upon a time there was a cat. ' * 7, 'Der Bär läuft über die Brücke — 🐻!\n' * 3,
          'Short one.', 'Line one\nline two\n\n  indented line\n' * 5, 'The end, my friend. ' * 9]
@@ -211,6 +211,8 @@ def test_max_tokens_caps_a_long_source(tmpdata):
     full, capped = get_blocks(f, tokenizer=tok, block_size=4), get_blocks(f, tokenizer=tok, block_size=4, max_tokens=500)
     assert full.meta['n_docs'] == 300 and capped.meta['n_docs'] < 300 and capped.n_tokens >= 500
     assert capped.tokens.tolist() == full.tokens[:capped.n_tokens].tolist()     # a prefix of whole documents
+    last = len(tok.encode(f'document number {capped.meta["n_docs"] - 1}.')) + 1
+    assert capped.n_tokens - last < 500                                          # ... ending with the one that reaches the cap
     assert capped.n_bytes == sum(len(f'document number {i}.') for i in range(capped.meta['n_docs']))
 
 
@@ -224,3 +226,102 @@ def test_real_prepare_tokenizer_and_blocks():
     docs = list(iter_documents('shakespeare', 'validation'))
     assert tok.decode(val.tokens.tolist()) == ''.join(d + EOT for d in docs)
     assert next(BlockLoader(p['blocks']['train'], 4))['input_ids'].shape == (4, 256)
+
+
+# ---- streaming: a large source starts at once, reads only what batches need, resumes exactly ----
+
+def _doc(i): return f'Document {i}: ' + 'some more words. ' * (i % 9)
+
+def _write_jsonl(path, n):
+    path.write_text(''.join(json.dumps({'text': _doc(i)}) + '\n' for i in range(n)))
+
+def _source(tmp, kind, n, name='src'):
+    "A local source of n documents: a .jsonl file, or a directory of data files read by `datasets` (a local HF dataset)."
+    d = tmp/f'{name}{n}'
+    if not d.exists(): d.mkdir(); _write_jsonl(d/'train.jsonl', n)   # written once: a rewritten file is another source
+    return d if kind == 'hf' else d/'train.jsonl'
+
+
+@pytest.mark.parametrize('kind', ['jsonl', 'hf'])
+def test_stream_first_batch_reads_the_same_whatever_the_source_size(tmpdata, kind):
+    "Time to the first batch does not grow with the source: a 100x larger one is read exactly as far; a cap bounds every pass."
+    tmp, _, tok = tmpdata
+    reads = {}
+    for n in (400, 40_000):
+        ts = TokenStream(_source(tmp, kind, n), tokenizer=tok, block_size=16, max_tokens=3000, read_docs=8)
+        ld = StreamLoader(ts, 4)
+        next(ld)
+        first = (ts.docs_read, ts.tokens_read)
+        for _ in range(300): next(ld)                      # ~ 10 passes over the capped stream
+        reads[n] = first, (ts.docs_read, ts.tokens_read, ld.epoch)
+    assert reads[400] == reads[40_000]
+    (docs, tokens), (docs_all, tokens_all, epoch) = reads[400]
+    assert docs == 8 and tokens >= 4 * 16                  # one read of 8 documents filled the first batch of 4 x 16 tokens
+    assert epoch >= 5                                      # several passes over the capped prefix...
+    longest = max(len(tok.encode(_doc(i))) + 1 for i in range(9))
+    assert tokens_all <= (epoch + 1) * (3000 + 8 * longest)   # ...none read past the cap (plus the rest of one read)
+    assert docs_all < 40_000 / 20
+
+
+@pytest.mark.parametrize('kind', ['jsonl', 'hf'])
+def test_stream_packs_what_the_cache_packs(tmpdata, kind):
+    "A pass over a capped stream serves the blocks of the capped cache, i.e. the documents tokenized one by one + eos, cut in blocks."
+    tmp, _, tok = tmpdata
+    src = _source(tmp, kind, 200)
+    cap, bs = 1500, 8
+    ld = StreamLoader(TokenStream(src, tokenizer=tok, block_size=bs, max_tokens=cap), 2)
+    ref, i = [], 0
+    while len(ref) < cap: ref += tok.encode(_doc(i), add_special_tokens=False) + [tok.eos_token_id]; i += 1
+    n = len(ref) // bs // 2 * 2                            # whole global batches
+    rows = torch.cat([_ids(next(ld)) for _ in range(n // 2)])
+    assert rows.tolist() == torch.tensor(ref[:n * bs]).view(n, bs).tolist()
+    cached = get_blocks(src, tokenizer=tok, block_size=bs, max_tokens=cap)
+    assert cached.n_tokens == len(ref) and torch.equal(rows, cached.batch(np.arange(n)))
+    assert torch.equal(_ids(next(ld)), rows[:2])           # the next pass starts over
+
+
+@pytest.mark.parametrize('kind,shuffle', [('jsonl', 0), ('jsonl', 10), ('hf', 0), ('hf', 10)])
+def test_stream_resume_equals_uninterrupted(tmpdata, kind, shuffle):
+    "A loader rebuilt from a JSON round trip of the state continues exactly: mid-window, across windows and across passes."
+    tmp, _, tok = tmpdata
+    ts = TokenStream(_source(tmp, kind, 300), tokenizer=tok, block_size=8, max_tokens=1200)
+    ref = StreamLoader(ts, 2, seed=5, shuffle_window=shuffle)
+    want = [_ids(next(ref)) for _ in range(80)]            # > 1 pass (about 37 batches per pass)
+    for k in (1, 7, 36, 45):
+        a = StreamLoader(ts, 2, seed=5, shuffle_window=shuffle)
+        for _ in range(k): next(a)
+        state = json.loads(json.dumps(a.state_dict()))
+        fresh = TokenStream(_source(tmp, kind, 300), tokenizer=tok, block_size=8, max_tokens=1200)  # a new process
+        b = StreamLoader(fresh, 2, seed=5, shuffle_window=shuffle); b.load_state_dict(state)
+        got = [_ids(next(b)) for _ in range(80 - k)]
+        assert all(torch.equal(x, y) for x, y in zip(got, want[k:]))
+        assert fresh.docs_read <= 3 * 16                   # resuming re-read about one window, not the stream before it
+    if shuffle:
+        plain = StreamLoader(ts, 2, seed=5)
+        assert not torch.equal(torch.cat(want[:5]), torch.cat([_ids(next(plain)) for _ in range(5)]))
+
+
+def test_stream_world_size_2_equals_double_batch_and_state_checks(tmpdata):
+    tmp, _, tok = tmpdata
+    ts = TokenStream(_source(tmp, 'jsonl', 300), tokenizer=tok, block_size=8, max_tokens=1200)
+    one = StreamLoader(ts, 6, seed=1, shuffle_window=12)
+    ranks = [StreamLoader(ts, 3, seed=1, shuffle_window=12, rank=r, world_size=2) for r in range(2)]
+    for _ in range(40): assert torch.equal(torch.cat([_ids(next(r)) for r in ranks]), _ids(next(one)))
+    other = TokenStream(_source(tmp, 'jsonl', 300), tokenizer=tok, block_size=8, max_tokens=1000)
+    with pytest.raises(ValueError, match=r'stream=.*resume with the same data'): StreamLoader(other, 6, seed=1, shuffle_window=12).load_state_dict(one.state_dict())
+    with pytest.raises(ValueError, match='fewer than one global batch'): next(StreamLoader(ts, 500))
+    with pytest.raises(ValueError, match='less than one block'): TokenStream(_source(tmp, 'jsonl', 300), tokenizer=tok, block_size=8, max_tokens=7)
+    with pytest.raises(FileNotFoundError, match='not found'): TokenStream(tmp/'nope.jsonl', tokenizer=tok)
+
+
+def test_doc_stream_positions_resume_every_kind(tmpdata):
+    tmp, src, _ = tmpdata
+    f = tmp/'gaps.jsonl'
+    f.write_text(''.join(json.dumps({'text': t}) + '\n\n' for t in TEXTS))
+    hf = _source(tmp, 'hf', 12)
+    for s in (src, f, hf):
+        whole = list(doc_stream(s))
+        assert [t for t, _ in whole] == list(iter_documents(s))
+        for k in range(len(whole)):
+            rest = [t for t, _ in doc_stream(s, start=json.loads(json.dumps(whole[k][1])))]
+            assert rest == [t for t, _ in whole[k + 1:]]

@@ -119,6 +119,10 @@ def test_sources_and_checkpoint(tok, tmp_path):
     VanillaLM(lm).save_pretrained(tmp_path/'ck', tokenizer=tok)
     d = perplexity(tmp_path/'ck', source=TEXTS, progress=False)   # tokenizer from the checkpoint
     assert d['loss'] == pytest.approx(b['loss'], rel=1e-5) and d['method'] == 'vanilla'
+    # a plain HF directory (load_method_lm reads every format) scores as the model object does
+    lm.save_pretrained(tmp_path/'hf'); tok.save_pretrained(tmp_path/'hf')
+    e = perplexity(tmp_path/'hf', source=TEXTS, progress=False)
+    assert e['loss'] == pytest.approx(b['loss'], rel=1e-5) and e['method'] == 'vanilla'
 
 
 def test_embedded_corpus(tmp_path):
@@ -137,8 +141,41 @@ def test_bad_input(tok, tmp_path):
     (tmp_path/'empty.jsonl').write_text('\n')
     with pytest.raises(ValueError, match='empty'): perplexity(lm, tok, source=str(tmp_path/'empty.jsonl'), progress=False)
     with pytest.raises(ValueError, match='empty'): load_documents([])
-    lm.save_pretrained(tmp_path/'hf')   # a plain HF model, not a library checkpoint
-    with pytest.raises(ValueError, match='not a latent_thoughts checkpoint'): perplexity(tmp_path/'hf', tok, source=TEXTS)
+    (tmp_path/'none').mkdir()
+    with pytest.raises(ValueError, match='holds no checkpoint'): perplexity(tmp_path/'none', tok, source=TEXTS)
     with pytest.raises(FileNotFoundError, match='does not exist'): perplexity(tmp_path/'nope', tok, source=TEXTS)
     with pytest.raises(ValueError, match='stride'): perplexity(lm, tok, source=TEXTS, block_size=8, stride=9, progress=False)
     with pytest.raises(TypeError, match='checkpoint directory'): perplexity(object(), tok, source=TEXTS)
+
+
+def _rel_residual_one_pass(lm, ids):
+    "By hand, N=1: RMS(θ after one Jacobi pass − θ of the plain pass) / RMS(θ of the plain pass), with the HF base model."
+    base = lm.base_model
+    E = lm.get_input_embeddings()(ids)
+    h0 = base(inputs_embeds=E).last_hidden_state
+    T = ids.size(1)
+    stream = torch.stack([E, h0], 2).reshape(1, 2 * T, -1)
+    H = base(inputs_embeds=stream, position_ids=torch.arange(T).repeat_interleave(2)[None],
+             attention_mask=torch.ones(1, 2 * T, dtype=torch.long)).last_hidden_state
+    return ((H[:, 0::2] - h0).pow(2).mean().sqrt() / h0.pow(2).mean().sqrt()).item()
+
+
+def test_latent_convergence_recorded(tok):
+    "Jacobi to tolerance: the result says whether every window converged; capped at one pass none does, and it warns."
+    from latent_thoughts.latent import LatentThoughtLM, JacobiNotConverged
+    lm = tiny(tok)
+    with torch.no_grad():
+        ok = perplexity(LatentThoughtLM(lm, n_thoughts=1).eval(), tok, source=TEXTS, block_size=12, batch_size=1, progress=False)
+        assert ok['jacobi_converged'] is True and ok['jacobi_unconverged_windows'] == 0 and ok['jacobi_max_residual_rel'] < 1e-9
+        with pytest.warns(JacobiNotConverged, match='prefill_max_iters'):
+            bad = perplexity(LatentThoughtLM(lm, n_thoughts=1, prefill_max_iters=1).eval(), tok, source=TEXTS, block_size=12,
+                             batch_size=1, progress=False)
+        assert bad['jacobi_converged'] is False and bad['jacobi_unconverged_windows'] == bad['n_windows'] > 2
+        assert bad['jacobi_max_iters'] == 1
+        s = token_stream(TEXTS, tok)
+        ref = max(_rel_residual_one_pass(lm, torch.tensor([s[a:b - 1]])) for a, b, _ in rolling_windows(len(s), 12))
+        assert bad['jacobi_max_residual_rel'] == pytest.approx(ref, rel=1e-9)
+        # a fixed K has no tolerance: the residual is recorded, convergence is not claimed
+        k2 = perplexity(LatentThoughtLM(lm, n_thoughts=1).eval(), tok, source=TEXTS, block_size=12, progress=False, jacobi_iters=2)
+        assert 'jacobi_converged' not in k2 and k2['jacobi_max_iters'] == 2 and k2['jacobi_max_residual_rel'] > 0
+        assert not any(k.startswith('jacobi') for k in perplexity(lm, tok, source=TEXTS, block_size=12, progress=False))

@@ -92,9 +92,11 @@ def test_generate_until_equals_generate(tok, name):
 def test_bad_input(tok, tmp_path):
     lm = build_lm(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, max_positions=32)
     lm.save_pretrained(tmp_path/'hf')
-    with pytest.raises(ValueError, match='not a latent_thoughts checkpoint'): HarnessLM(str(tmp_path/'hf'))
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(ValueError, match='holds no checkpoint'): HarnessLM(str(tmp_path/'empty'))
     with pytest.raises(FileNotFoundError, match='does not exist'): HarnessLM(str(tmp_path/'missing'))
     with pytest.raises(ValueError, match='unknown model args'): HarnessLM(lm, tokenizer=tok, jacobi_iters=3)  # vanilla has no K
+    with pytest.raises(ValueError, match='unknown model args'): HarnessLM(str(tmp_path/'hf'), tokenizer=tok, eval_iters=3)
     VanillaLM(lm).save_pretrained(tmp_path/'ck', tokenizer=tok)
     with pytest.raises(ValueError, match='offline tasks are'): evaluate(tmp_path/'ck', ['no_such_task_xyz'], limit=1)
 
@@ -140,3 +142,89 @@ def test_lastword_continuation_carries_its_space(tok, tmp_path):
     for smp in res['samples']['lt_lastword']:
         ctx, cont = smp['arguments'][0]
         assert cont.startswith(' ') and not cont.startswith('  ') and not ctx.endswith(' ') and cont.strip() == smp['doc']['word']
+
+
+def test_generate_until_halts_at_the_threshold(tok):
+    "threshold= (tau of an adaptive model) reaches generation as it reaches scoring: prefill halts at it, decode too."
+    from latent_thoughts.adaptive import AdaptiveLatentLM
+    m = AdaptiveLatentLM(build_lm(vocab_size=len(tok), d_model=32, n_layer=2, n_head=2, max_positions=64, dtype=torch.float64),
+                         k_max=3, halt_threshold=0.5).eval()
+    prompt = tok(TEXT[:40])['input_ids']
+    steps = {}
+    for tau in (0.0, 1.0):   # 0: every token runs all 3 latent steps; 1: every token halts after its first
+        seen, pre, dec = [], m.prefill, m.decode
+        m.prefill = lambda *a, **kw: (seen.append(kw), pre(*a, **kw))[1]
+        m.decode = lambda *a: (lambda r: (seen.append(r[1]['steps'][-1].tolist()), r)[1])(dec(*a))
+        try:
+            h = HarnessLM(m, tokenizer=tok, progress=False, threshold=tau)
+            out = h.generate_until([req('generate_until', TEXT[:40], {'until': ['\n\n'], 'max_gen_toks': 4})], disable_tqdm=True)[0]
+        finally: del m.prefill, m.decode
+        assert seen[0] == {'halt_threshold': tau}
+        steps[tau] = seen[1:]
+        ref = m.generate(torch.tensor([prompt]), max_new_tokens=4, eos_token_id=tok.eos_token_id, halt_threshold=tau)[0, len(prompt):]
+        assert out == _cut(tok.decode([t for t in ref.tolist() if t != tok.eos_token_id], skip_special_tokens=True), ['\n\n'])
+        # the same tau scores: the harness's loglikelihood equals the model's own forward at tau
+        ll = h.loglikelihood([req('loglikelihood', TEXT[:40], TEXT[40:60])], disable_tqdm=True)[0][0]
+        c, k = h._encode_pair(TEXT[:40], TEXT[40:60])   # the harness's own split of the tokens
+        x = torch.tensor([c + k]); n = len(c)
+        y = x.clone(); y[0, :n] = -100
+        assert ll == pytest.approx(-m(x, labels=y, threshold=tau).metrics['ce'] * (x.size(1) - n), rel=1e-9)
+    assert steps[0.0] and all(s == [3] for s in steps[0.0]) and all(s == [1] for s in steps[1.0]), steps
+
+
+def test_harness_json_records_jacobi_convergence(tok, tmp_path):
+    "The results JSON says whether every scored window and generated prompt met the Jacobi tolerance."
+    from latent_thoughts.latent import LatentThoughtLM, JacobiNotConverged
+    shape = dict(vocab_size=len(tok), d_model=32, n_layer=2, n_head=2, max_positions=256)
+    LatentThoughtLM(build_lm(**shape), n_thoughts=1).save_pretrained(tmp_path/'lat', tokenizer=tok)
+    tasks = 'lt_lastword,lt_lastword_gen'
+    res = cli(['--checkpoint', str(tmp_path/'lat'), '--tasks', tasks, '--limit', '3', '--output', str(tmp_path/'ok.json')])
+    lt = json.loads((tmp_path/'ok.json').read_text())['latent_thoughts']
+    assert lt['jacobi_converged'] is True and lt['jacobi_unconverged_windows'] == 0 and lt['jacobi_max_residual_rel'] < 1e-5
+    with pytest.warns(JacobiNotConverged):
+        cli(['--checkpoint', str(tmp_path/'lat'), '--tasks', tasks, '--limit', '3', '--output', str(tmp_path/'cap.json'),
+             '--model_args', 'prefill_max_iters=1'])
+    lt = json.loads((tmp_path/'cap.json').read_text())['latent_thoughts']
+    # 3 scored windows (lt_lastword) and 3 generated prompts (lt_lastword_gen), none converged in one pass
+    assert lt['jacobi_converged'] is False and lt['jacobi_unconverged_windows'] == 6 and lt['jacobi_max_iters'] == 1
+    assert lt['jacobi_max_residual_rel'] > 1e-3 and lt['method_config']['prefill_max_iters'] == 1
+
+
+def _ponderlm2_dir(tok, path, K=3):
+    "A local directory in the authors' PonderLM-2 release format: stock GPT-NeoX weights, their config fields, an auto_map."
+    lm = build_lm('gpt_neox', vocab_size=len(tok), d_model=32, n_layer=2, n_head=2, max_positions=64, seed=3)
+    lm.save_pretrained(path); tok.save_pretrained(path)
+    cfg = json.loads((path/'config.json').read_text())
+    cfg.update(num_latent_thoughts=1, num_jacobi_iterations=K, random_jacobi_iterations=True, scale_embeds=True,
+               interpolation=False, recurrent_model=True, auto_map={'AutoModelForCausalLM': 'modeling_gpt_neox.GPTNeoXForCausalLM'})
+    (path/'config.json').write_text(json.dumps(cfg))
+    return lm
+
+
+def test_checkpoints_load_through_load_method_lm(tok, tmp_path):
+    "Every format load_method_lm reads works in the harness (plain HF dir, the authors' release); method args override."
+    from latent_thoughts.core import load_method_lm
+    from latent_thoughts.harness import checkpoint_class
+    from latent_thoughts.latent import LatentThoughtLM
+    ctx, cont = TEXT[:44], TEXT[44:80]
+    lm = build_lm(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, max_positions=64)
+    lm.save_pretrained(tmp_path/'hf'); tok.save_pretrained(tmp_path/'hf')
+    assert checkpoint_class(tmp_path/'hf') is VanillaLM
+    h = HarnessLM(str(tmp_path/'hf'), progress=False)   # tokenizer from the directory
+    ll = h.loglikelihood([req('loglikelihood', ctx, cont)], disable_tqdm=True)[0][0]
+    ref = HarnessLM(lm, tokenizer=tok, progress=False).loglikelihood([req('loglikelihood', ctx, cont)], disable_tqdm=True)[0][0]
+    assert ll == pytest.approx(ref, rel=1e-6)
+    # the authors' format: a latent model with their K and their embedding scale, as load_method_lm builds it
+    _ponderlm2_dir(tok, tmp_path/'pl2')
+    assert checkpoint_class(tmp_path/'pl2') is LatentThoughtLM
+    h = HarnessLM(str(tmp_path/'pl2'), progress=False, dtype='float64')
+    ref = load_method_lm(tmp_path/'pl2').double().eval()
+    assert type(h.model) is LatentThoughtLM and h.model.eval_iters == 3 and h.model.embed_scale == pytest.approx(ref.embed_scale) != 1.0
+    c, k = h._encode_pair(ctx, cont)
+    x = torch.tensor([c + k]); y = x.clone(); y[0, :len(c)] = -100
+    ll = h.loglikelihood([req('loglikelihood', ctx, cont)], disable_tqdm=True)[0][0]
+    assert ll == pytest.approx(-ref(x, labels=y).loss.item() * len(k), rel=1e-9)
+    # constructor args override (here: eval_iters, embed_scale), forward args set the mode
+    h2 = HarnessLM(str(tmp_path/'pl2'), progress=False, eval_iters=5, embed_scale=1.0, jacobi_iters=2)
+    assert h2.model.eval_iters == 5 and h2.model.embed_scale == 1.0 and h2.forward_kwargs == {'jacobi_iters': 2}
+    assert h2.method_overrides == {'eval_iters': 5, 'embed_scale': 1.0}

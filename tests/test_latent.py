@@ -1,14 +1,16 @@
 """Exactness of the latent-thought LM against independent references (float64, sdpa, tiny random models)."""
-import json
+import json, warnings
 import pytest
 import torch
 
 from latent_thoughts import LatentThoughtLM, jacobi_trace, sequential_hidden
 from latent_thoughts.core import MethodLM, build_lm, shifted_ce
-from latent_thoughts.latent import stream_positions, default_tol
+from latent_thoughts.latent import stream_positions, default_tol, masked_rmse, JacobiNotConverged
 
 ARCHS = ['gpt_neox', 'llama', 'gpt2']
 CASES = [(a, n, m) for a in ARCHS for n in (1, 2) for m in ('reuse', 'sequential')]
+# N=1: both first estimates are the plain pass; N=2 runs the authors' growing start and the plain one
+CASES_INIT = [(a, n, m, i) for a, n, m in CASES for i in (('grow', 'plain') if n > 1 else ('grow',))]
 SHAPE = dict(vocab_size=61, d_model=32, n_layer=2, n_head=4, max_positions=128)
 
 
@@ -29,9 +31,9 @@ def model_of(arch, N=1, mode='reuse', **kw):
     return LatentThoughtLM(lm_of(arch), n_thoughts=N, position_mode=mode, **kw).eval()
 
 
-@pytest.mark.parametrize('arch,N,mode', CASES)
-def test_jacobi_equals_sequential(arch, N, mode):
-    m, ids = model_of(arch, N, mode), ids_of(2, 7)
+@pytest.mark.parametrize('arch,N,mode,init', CASES_INIT)
+def test_jacobi_equals_sequential(arch, N, mode, init):
+    m, ids = model_of(arch, N, mode, thought_init=init), ids_of(2, 7)
     H = sequential_hidden(m, ids, use_cache=False)            # the definition, no cache code
     torch.testing.assert_close(sequential_hidden(m, ids, use_cache=True), H, rtol=0, atol=1e-12)
     ref = m.head(H[:, :, N])
@@ -43,9 +45,9 @@ def test_jacobi_equals_sequential(arch, N, mode):
     assert tr['to_sequential'][-1] < 1e-12 and tr['to_sequential'][0] > 1e-4
 
 
-@pytest.mark.parametrize('arch,N,mode', CASES)
-def test_residuals_decay(arch, N, mode):
-    m, ids = model_of(arch, N, mode), ids_of(2, 10)
+@pytest.mark.parametrize('arch,N,mode,init', CASES_INIT)
+def test_residuals_decay(arch, N, mode, init):
+    m, ids = model_of(arch, N, mode, thought_init=init), ids_of(2, 10)
     r = jacobi_trace(m, ids, iters=12, reference=False)['residual']
     assert len(r) == 12 and r[0] > 1e-3
     # after the first few passes every pass shrinks the residual (N=2 refines a chain: compare every other pass)
@@ -54,7 +56,9 @@ def test_residuals_decay(arch, N, mode):
     assert all(b < a for a, b in zip(live[2:], live[2 + s:])), r
     out = m(ids, jacobi_iters=4)
     assert torch.allclose(out.residuals, torch.tensor(r[:4], dtype=torch.float64), rtol=1e-9, atol=1e-15)
-    assert out.metrics == {'jacobi_iters': 4.0, 'residual_last': pytest.approx(r[3])}
+    mask, pos = m._prepare(ids, None)
+    rms0 = masked_rmse(m._initial(m.embed(ids), pos, mask), 0 * m._initial(m.embed(ids), pos, mask)).item()
+    assert out.metrics == {'jacobi_iters': 4.0, 'residual_last': pytest.approx(r[3]), 'residual_rel': pytest.approx(r[3] / rms0)}
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -89,9 +93,9 @@ def test_greedy_generate_is_sequential(arch, N, mode):
     assert torch.equal(m.generate(prompt, max_new_tokens=6), greedy_reference(m, prompt, 6))
 
 
-@pytest.mark.parametrize('arch,N,mode', CASES)
-def test_kv_decode_equals_full_recompute(arch, N, mode):
-    m, ids = model_of(arch, N, mode), ids_of(2, 9)
+@pytest.mark.parametrize('arch,N,mode,init', CASES_INIT)
+def test_kv_decode_equals_full_recompute(arch, N, mode, init):
+    m, ids = model_of(arch, N, mode, thought_init=init), ids_of(2, 9)
     logits, st = m.prefill(ids[:, :4], torch.ones_like(ids[:, :4]))
     for t in range(4, 9):
         full = m(ids[:, :t], jacobi_iters=t * N).logits[:, -1]
@@ -140,14 +144,57 @@ def test_padded_batch_scores_like_unpadded(arch, N, mode):
     assert torch.isfinite(lo).all() and torch.isfinite(out.logits).all()
 
 
-def test_no_waste_passes_and_head():
-    m, ids = model_of('llama', 2), ids_of(2, 5)
+@pytest.mark.parametrize('init,first', [('grow', [5, 10, 15]), ('plain', [5])])
+def test_no_waste_passes_and_head(init, first):
+    "grow: N passes over 1..N stages, then K+1 over all N+1; plain: one plain pass; the head once, on T entries."
+    m, ids = model_of('llama', 3, thought_init=init), ids_of(2, 5)
     calls = []
     hb = m.base.register_forward_hook(lambda mod, a, kw, o: calls.append(('base', kw['inputs_embeds'].shape[1])), with_kwargs=True)
     hh = m.head.register_forward_hook(lambda mod, a, o: calls.append(('head', a[0].shape[1])))
     try: m(ids, jacobi_iters=3)
     finally: hb.remove(); hh.remove()
-    assert calls == [('base', 5)] + [('base', 15)] * 4 + [('head', 5)]
+    assert calls == [('base', n) for n in first] + [('base', 20)] * 4 + [('head', 5)]
+
+
+def grow_by_hand(m, ids, mask):
+    "The authors' initial loop, written out: stages [E, θ^1, ..]; pass k interleaves the k stages, refines them, appends one."
+    E = m.lm.get_input_embeddings()(ids) * getattr(m, 'embed_scale', 1.0); B, T, d = E.shape
+    p = (mask.cumsum(1) - 1).clamp(min=0)
+    stages = [E]
+    for _ in range(m.n_thoughts):
+        S = len(stages)
+        x = torch.stack(stages, 2).reshape(B, T * S, d)
+        if m.position_mode == 'reuse': pos = p.repeat_interleave(S, 1)
+        else: pos = (p[:, :, None] * (m.n_thoughts + 1) + torch.arange(S)).reshape(B, T * S)
+        h = m.lm.base_model(inputs_embeds=x, position_ids=pos, attention_mask=mask.repeat_interleave(S, 1)).last_hidden_state
+        stages = [E] + [h[:, j::S] for j in range(S)]
+    return torch.stack(stages[1:], 2)
+
+
+@pytest.mark.parametrize('arch,N,mode', [(a, n, m) for a in ARCHS for n in (2, 3) for m in ('reuse', 'sequential')])
+def test_grow_init_is_the_authors_loop(arch, N, mode):
+    "thought_init='grow' equals a by-hand loop of the growing passes (real tokens of right-padded rows too)."
+    m, ids = model_of(arch, N, mode), ids_of(2, 6)
+    assert m.thought_init == 'grow' and m.method_config()['thought_init'] == 'grow'
+    mask = torch.ones_like(ids); mask[1, 4:] = 0
+    am, pos = m._prepare(ids, mask)
+    got, ref = m._initial(m.embed(ids), pos, am), grow_by_hand(m, ids, mask)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1, :4], ref[1, :4], rtol=0, atol=1e-12)
+    assert got[1, 4:].abs().max() == 0     # thoughts of padded tokens are held at zero
+    # and it is a different start from 'plain', so a fixed K gives different logits
+    plain = model_of(arch, N, mode, thought_init='plain')
+    assert (plain._initial(plain.embed(ids), pos, am) - got).abs().max() > 1e-4
+    assert (plain(ids, jacobi_iters=2).logits - m(ids, jacobi_iters=2).logits).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_one_thought_grow_is_plain(arch):
+    ids = ids_of(2, 7)
+    g, p = model_of(arch, 1, thought_init='grow'), model_of(arch, 1, thought_init='plain')
+    for K in (0, 2):
+        assert torch.equal(g(ids, jacobi_iters=K).logits, p(ids, jacobi_iters=K).logits)
+    assert torch.equal(g.generate(ids[:1, :4], max_new_tokens=4), p.generate(ids[:1, :4], max_new_tokens=4))
 
 
 def test_grad_modes():
@@ -161,7 +208,7 @@ def test_grad_modes():
         (la, ga), (ll, gl) = grads('all'), grads('last')
         assert torch.equal(la, ll)
         m = LatentThoughtLM(lm); mask, pos = m._prepare(ids, None); lm.zero_grad()
-        with torch.no_grad(): th, _ = m._jacobi(m.embed(ids), pos, mask, 3)
+        with torch.no_grad(): th, _, _ = m._jacobi(m.embed(ids), pos, mask, 3)
         shifted_ce(m.head(m._stream_pass(m.embed(ids), th, pos, mask)[0][:, :, 1]), ids).backward()
         manual = torch.cat([p.grad.flatten() for p in lm.parameters() if p.grad is not None])
         torch.testing.assert_close(gl, manual, rtol=0, atol=1e-12)
@@ -203,10 +250,10 @@ def test_stream_positions():
 
 
 def test_save_load_round_trip(tmp_path):
-    m, ids = model_of('gpt2', 2, 'sequential', train_iters=[2, 3], eval_iters=5, prefill_tol=1e-10), ids_of(2, 6)
+    m, ids = model_of('gpt2', 2, 'sequential', train_iters=[2, 3], eval_iters=5, prefill_tol=1e-10, thought_init='plain'), ids_of(2, 6)
     m.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / 'latent_config.json').read_text())
-    assert cfg['method'] == 'latent' and cfg['n_thoughts'] == 2 and cfg['train_iters'] == [2, 3]
+    assert cfg['method'] == 'latent' and cfg['n_thoughts'] == 2 and cfg['train_iters'] == [2, 3] and cfg['thought_init'] == 'plain'
     for cls in (MethodLM, LatentThoughtLM):
         back = cls.from_pretrained(tmp_path).double().eval()
         assert type(back) is LatentThoughtLM and back.method_config() == m.method_config()
@@ -225,6 +272,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match='n_thoughts'): LatentThoughtLM(lm, n_thoughts=-1)
     with pytest.raises(ValueError, match='position_mode'): LatentThoughtLM(lm, position_mode='shared')
     with pytest.raises(ValueError, match='grad_mode'): LatentThoughtLM(lm, grad_mode='none')
+    with pytest.raises(ValueError, match="thought_init.*'grow'"): LatentThoughtLM(lm, thought_init='copy')
     with pytest.raises(ValueError, match='train_iters'): LatentThoughtLM(lm, train_iters=[2, -1])
     with pytest.raises(ValueError, match='eval_iters'): LatentThoughtLM(lm, eval_iters='auto')
     with pytest.raises(TypeError, match='causal LM'): LatentThoughtLM(torch.nn.Linear(2, 2))
@@ -265,3 +313,66 @@ def test_longer_sequences_slow(arch, N, mode):
     assert (out.logits[0] - m.head(H[0, :, N])).abs().max() < 1e-9
     assert (out.logits[1, :17] - m.head(H[1, :17, N])).abs().max() < 1e-9
     assert torch.equal(m.generate(ids[:1, :8], max_new_tokens=8), greedy_reference(m, ids[:1, :8], 8, use_cache=False))
+
+
+def test_tolerance_cap_warns_and_records():
+    "A run to tolerance that stops at prefill_max_iters says so: metrics, prefill state, one warning per call site."
+    ids = ids_of(2, 8)
+    ok = model_of('gpt_neox', 2)                       # cap 64 >= T·N = 16: always converges
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', JacobiNotConverged)
+        out = ok(ids)
+        assert out.metrics['jacobi_converged'] == 1.0 and out.metrics['residual_rel'] < default_tol(torch.float64)
+        assert ok.prefill(ids, torch.ones_like(ids))[1]['jacobi_converged'] is True
+        assert 'jacobi_converged' not in ok(ids, jacobi_iters=3).metrics     # a fixed K has no tolerance to meet
+    capped = model_of('gpt_neox', 2, prefill_max_iters=2)
+    with pytest.warns(JacobiNotConverged, match='Raise prefill_max_iters'):
+        out = capped(ids)
+    assert out.metrics['jacobi_iters'] == 2.0 and out.metrics['jacobi_converged'] == 0.0
+    tol = default_tol(torch.float64)
+    assert out.metrics['residual_rel'] > tol and out.metrics['residual_rel'] == pytest.approx(ok(ids, jacobi_iters=2).metrics['residual_rel'])
+    with pytest.warns(JacobiNotConverged):
+        _, st = capped.prefill(ids, torch.ones_like(ids))
+    assert st['jacobi_converged'] is False and st['residual_rel'] > tol
+    # Python's default filter: once per call site of the user's code (the warning points here, not into the library)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('default')
+        for _ in range(3): capped(ids)
+        capped(ids)
+    assert len(w) == 2 and all(x.filename == __file__ for x in w), [(x.filename, x.lineno) for x in w]
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_embed_scale_scales_tokens_not_thoughts(arch):
+    "With embed_scale the stream's token entries are scaled embeddings; thoughts are the raw hidden states (by hand)."
+    m, ids = model_of(arch, 2), ids_of(2, 5)
+    m.embed_scale = 2.0
+    E2 = 2.0 * m.lm.get_input_embeddings()(ids)
+    T, base = ids.size(1), m.lm.base_model
+    h0 = base(inputs_embeds=E2).last_hidden_state                                   # plain pass on scaled tokens
+    grow1 = torch.stack([E2, h0], 2).reshape(2, 2 * T, -1)                            # e(x_1), θ_1^1, e(x_2), …
+    seen = []
+    hook = base.register_forward_hook(lambda mod, a, kw, o: seen.append((kw['inputs_embeds'].clone(), o.last_hidden_state)),
+                                      with_kwargs=True)
+    try: m(ids, jacobi_iters=1)
+    finally: hook.remove()
+    assert len(seen) == 4                                                             # plain, growing, 1 Jacobi, loss pass
+    torch.testing.assert_close(seen[0][0], E2, rtol=0, atol=0)
+    torch.testing.assert_close(seen[1][0], grow1, rtol=0, atol=1e-12)
+    H1 = seen[1][1].view(2, T, 2, -1)
+    jac = torch.stack([E2, H1[:, :, 0], H1[:, :, 1]], 2).reshape(2, 3 * T, -1)        # tokens scaled, thoughts as computed
+    torch.testing.assert_close(seen[2][0], jac, rtol=0, atol=1e-12)
+    # decoding: the new token enters scaled, its thoughts are the raw outputs fed back
+    _, st = m.prefill(ids[:, :4], torch.ones_like(ids[:, :4]))
+    seen.clear()
+    hook = base.register_forward_hook(lambda mod, a, kw, o: seen.append((kw['inputs_embeds'].clone(), o.last_hidden_state)),
+                                      with_kwargs=True)
+    try: m.decode(ids[:, 4], st)
+    finally: hook.remove()
+    torch.testing.assert_close(seen[0][0][:, 0], E2[:, 4], rtol=0, atol=0)
+    for a, b in zip(seen, seen[1:]): torch.testing.assert_close(b[0], a[1], rtol=0, atol=0)
+    # and the scale matters: the logits differ from the unscaled model's, and Jacobi still equals the definition
+    H = sequential_hidden(m, ids, use_cache=False)
+    assert (m(ids, jacobi_iters=10).logits - m.head(H[:, :, 2])).abs().max() < 1e-9
+    m.embed_scale = 1.0
+    assert (m(ids, jacobi_iters=10).logits - m.head(H[:, :, 2])).abs().max() > 1e-6
