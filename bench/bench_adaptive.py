@@ -107,8 +107,8 @@ def main():
     steps, gens, gen_kws, t_train, t_gen = {}, {}, {}, {n: [] for n in variants}, {n: [] for n in variants}
     for name, (m, kw) in variants.items():
         m.train(); steps[name] = train_step_fn(m, batch, **kw); steps[name]()     # warm-up (and optimizer state)
-        gen_kws[name] = {'halt_threshold': a.tau} if name == 'adaptive, pruning on' else \
-                        ({'halt_threshold': 0.0} if name == 'adaptive, pruning off' else {})
+        gen_kws[name] = {'threshold': a.tau} if name == 'adaptive, pruning on' else \
+                        ({'threshold': 0.0} if name == 'adaptive, pruning off' else {})
     for r in range(a.reps):
         for name, (m, kw) in variants.items():
             m.train(); t_train[name].append(timed(steps[name], 1))
@@ -116,7 +116,7 @@ def main():
     res = {n: (statistics.median(t_train[n]), a.new_tokens / statistics.median(t_gen[n])) for n in variants}
     # the training steps above changed the weights of 'pruning on/off' alike; steps/token of the generation runs:
     with torch.no_grad():
-        model.eval(); _, st = model.prefill(prompt, torch.ones_like(prompt), halt_threshold=a.tau)
+        model.eval(); _, st = model.prefill(prompt, torch.ones_like(prompt), threshold=a.tau)
         for t in range(8): _, st = model.decode(val_ids[:1, 16 + t], st)
     print(f'(decode at tau={a.tau}: latent steps of 8 teacher-forced tokens {torch.stack(st["steps"][1:], 1)[0].tolist()})')
     print(f'\ntimings (median of {a.reps}; train step = fwd+bwd+AdamW on {a.batch}x{a.block}; '

@@ -6,34 +6,37 @@ idle cores. Methods are timed round-robin (every method once per round) and the 
 that load from other processes, which only ever adds time, biases all methods alike and as little as possible.
 The first round is a warm-up (first calls at each new shape cost seconds on CPU) and is not timed.
 
-Measured on 2 shared CPU cores (load ~4), tiny preset, ratios to vanilla (ledger = detailed count, paper = pass count):
+Measured with `--reps 8 --threads 1` on a shared 2-core machine (load 3-7 from other processes; with 2 threads under
+such load OpenMP threads wait on each other and two runs at the default settings gave meaningless ratios, e.g. vanilla
+slower than pause M=1: on a loaded machine use `--threads 1`), tiny preset, ratios to vanilla (ledger = detailed count,
+paper = pass count):
 
-    method            train x  ledger  paper | decode x  ledger  paper
-    pause M=1            1.58    1.71   2.00 |     1.33    1.71   2.00
-    pause M=3            3.06    3.43   4.00 |     1.30    3.43   4.00
-    looped L=2           2.25    1.62   2.00 |     1.77    1.62   2.00
-    looped L=4           2.55    2.86   4.00 |     3.67    2.86   4.00
-    pondering P=1        2.02    2.38   2.00 |     2.67    2.38   2.00
-    pondering P=3        4.02    5.14   4.00 |     3.88    5.14   4.00
-    latent N=1 K=2       4.51    5.00   7.00 |     2.44    1.71   2.00
-    latent N=1 K=3       5.73    6.33   9.00 |     2.42    1.71   2.00
-    adaptive Kmax=2      1.82    1.79   2.00 |     2.09    1.67   2.00
-    adaptive Kmax=4      3.83    3.53   4.00 |     3.72    3.15   4.00
+    method                train x  ledger  paper | decode x  ledger  paper
+    pause M=1                1.58    1.71   2.00 |     1.28    1.71   2.00
+    pause M=3                3.61    3.43   4.00 |     1.46    3.43   4.00
+    looped L=2               1.85    1.62   2.00 |     2.33    1.62   2.00
+    looped L=4               2.84    2.86   4.00 |     5.17    2.86   4.00
+    pondering P=1            2.33    2.38   2.00 |     2.92    2.38   2.00
+    pondering P=3            6.34    5.14   4.00 |     6.29    5.14   4.00
+    latent N=1 K=2           5.13    5.00   7.00 |     4.21    1.71   2.00
+    latent N=1 K=3           7.17    6.33   9.00 |     3.73    1.71   2.00
+    latent N=2 K=2 grow      9.44    8.76  12.00 |     3.94    2.52   3.00
+    latent N=2 K=2 plain     7.89    7.43  10.00 |     3.85    2.52   3.00
+    adaptive Kmax=2          1.92    1.79   2.00 |     2.03    1.67   2.00
+    adaptive Kmax=4          3.22    3.53   4.00 |     3.85    3.15   4.00
 
-Gaps over 30% and why:
-- Decoding at batch 1 on a tiny model is latency-bound: time follows the number of *sequential* forward calls per
-  new token, not FLOPs. Pause feeds the token and its M pauses as one block (1 call: 1.3x, against 1.7x/3.4x of
-  FLOPs); looped needs L calls, pondering P+1, latent N+1, adaptive one per executed step, and their measured
-  ratios (1.8/3.7, 2.7/3.9, 2.4, 2.1/3.7) sit near those call counts. Latent decoding also pays its prompt prefill
-  (Jacobi to tolerance), which the per-token ledger does not count.
-- Training looped L=2 (2.25x vs 1.62x): on the tiny preset the LM head is 40% of vanilla's FLOPs and is computed
-  once for L loops, so the detailed count is far below L; the time of every pass also carries work the ledger
-  does not count (norms, rotary, mask building, Python), which scales with passes. L=4 (2.55x vs 2.86x) is
-  within 11%; on this shared machine the L=2 row is the least stable (an earlier, heavily loaded run with medians
-  instead of minima gave nonsense for it), so read it as "about L".
-- Latent training (4.5x/5.7x) is close to the detailed count (5.0x/6.3x) and well below 3 + 2K (7x/9x): its
-  Jacobi passes skip the vocabulary projection, which dominates FLOPs at this size; at LLaMA-1.4B scale the
-  detailed count is 3 + 2K within 3% (see `latent-thoughts flops`).
+Training time follows the detailed count within 15% for every row but pondering P=3 (6.3x vs 5.1x: four full-vocabulary
+softmaxes per step, whose elementwise work the ledger does not count, weigh a lot next to a 128-wide model); the
+largest other gaps (looped L=2 +14%, latent K=3 +13%) are per-pass work the ledger does not count (norms, rotary,
+mask building, Python), which scales with the number of passes. The
+growing first estimate of N=2 ('grow') costs 9.4x against 7.9x for 'plain', as the ledger says (8.8x vs 7.4x). At this
+size the paper's pass count overstates latent training (7x/9x/12x): its Jacobi passes skip the vocabulary projection,
+which dominates FLOPs here; at LLaMA-1.4B scale the detailed count is 3 + 2K within 3% (`latent-thoughts flops`).
+
+Decoding at batch 1 on a tiny model is latency-bound: time follows the number of *sequential* forward calls per new
+token, not FLOPs. Pause feeds the token and its M pauses as one block (1 call: 1.3x/1.5x against 1.7x/3.4x of FLOPs);
+looped needs L calls, pondering P+1, latent N+1, adaptive one per executed step. Latent decoding also pays its prompt
+prefill (Jacobi to tolerance), which the per-token ledger does not count.
 """
 import argparse, statistics, time
 import torch

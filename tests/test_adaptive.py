@@ -145,7 +145,7 @@ def test_decode_with_halting_equals_parallel_forward(arch):
     with torch.no_grad():
         par = m(ids, threshold=tau).logits
         ex = m.trace(ids, threshold=tau)['executed'].sum(-1)
-        lg, st = m.prefill(ids[:, :3], torch.ones_like(ids[:, :3]), halt_threshold=tau)
+        lg, st = m.prefill(ids[:, :3], torch.ones_like(ids[:, :3]), threshold=tau)
         torch.testing.assert_close(lg, par[:, 2], rtol=1e-10, atol=1e-10)
         for t in range(3, ids.size(1)):
             lg, st = m.decode(ids[:, t], st)
@@ -191,6 +191,30 @@ def test_generate_padded_batch_equals_rows():
     ga, gb1 = m.generate(a, max_new_tokens=6), m.generate(b, max_new_tokens=6)
     assert gb[0, 6:].tolist() == ga[0, 6:].tolist()
     assert gb[1, 6:].tolist() == gb1[0, 4:].tolist()
+
+
+def test_prefill_takes_threshold_like_forward():
+    "generate/prefill take tau as threshold= (forward's name): per call it equals a model built with that halt_threshold."
+    import inspect, warnings
+    assert 'threshold' in inspect.signature(AdaptiveLatentLM.prefill).parameters
+    assert 'threshold' in inspect.signature(AdaptiveLatentLM.forward).parameters
+    m = make('gpt_neox', k_max=3, halt_threshold=0.1, router_bias=-0.5)
+    prompt = ids_(2, 5, seed=9)
+    for tau in (0.0, 0.4, 1.0):
+        m_tau = make('gpt_neox', k_max=3, halt_threshold=tau, router_bias=-0.5)   # same seed: the same weights
+        g = m.generate(prompt, max_new_tokens=5, threshold=tau)
+        assert g.tolist() == m_tau.generate(prompt, max_new_tokens=5).tolist()
+        with torch.no_grad(): _, st = m.prefill(prompt, torch.ones_like(prompt), threshold=tau)
+        assert st['tau'] == tau
+        with warnings.catch_warnings(record=True) as w:   # the old spelling still works, with a DeprecationWarning
+            warnings.simplefilter('always')
+            assert m.generate(prompt, max_new_tokens=5, halt_threshold=tau).tolist() == g.tolist()
+        assert [x.category for x in w] == [DeprecationWarning]
+    steps = {tau: make('gpt_neox', k_max=3, router_bias=-0.5).prefill(prompt, torch.ones_like(prompt), threshold=tau)[1]['steps'][0]
+             for tau in (0.0, 1.0)}
+    assert steps[0.0].tolist() == [3, 3] and steps[1.0].tolist() == [1, 1]   # the keyword is not ignored
+    with pytest.raises(ValueError, match='threshold= only'):
+        m.prefill(prompt, torch.ones_like(prompt), threshold=0.2, halt_threshold=0.3)
 
 
 def test_adaptive_loss_formula_and_gradients():

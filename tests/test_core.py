@@ -158,3 +158,13 @@ def test_build_model_applies_the_recipe_to_fresh_models_only(tmp_path):
     assert all(torch.equal(v, src.lm.state_dict()[k]) for k, v in cont.lm.state_dict().items())
     src.embed_scale = 2.0; src.save_pretrained(tmp_path/'ours')
     assert build_model(ModelConfig(init_from=str(tmp_path/'ours'), embed_scale=None, method='latent')).embed_scale == 2.0
+
+@pytest.mark.parametrize('method,args,n', [('vanilla', {}, 1), ('latent', {'n_thoughts': 2}, 3), ('looped', {'n_loops': 3}, 3),
+                                           ('adaptive', {'k_max': 4}, 4), ('pause', {'n_pause': 2}, 1), ('pondering', {'n_ponder': 2}, 1)])
+def test_init_streams_per_method(method, args, n):
+    "N+1 of the authors' init: latent N+1 and looped passes (their GPT-NeoX files), adaptive K_max (our choice), else 1."
+    from latent_thoughts.config import init_streams
+    m = build_model(ModelConfig(preset='micro', d_model=32, n_layer=2, method=method, method_args=args, init='authors'), vocab_size=128)
+    assert init_streams(m) == n
+    w = m.lm.gpt_neox.layers[0].mlp.dense_4h_to_h.weight
+    assert w.std().item() == pytest.approx(TRUNC * math.sqrt(2 / (5 * 32)) / math.sqrt(2 * 2 * n), rel=0.05)

@@ -179,3 +179,42 @@ def test_latent_convergence_recorded(tok):
         k2 = perplexity(LatentThoughtLM(lm, n_thoughts=1).eval(), tok, source=TEXTS, block_size=12, progress=False, jacobi_iters=2)
         assert 'jacobi_converged' not in k2 and k2['jacobi_max_iters'] == 2 and k2['jacobi_max_residual_rel'] > 0
         assert not any(k.startswith('jacobi') for k in perplexity(lm, tok, source=TEXTS, block_size=12, progress=False))
+
+
+def _local_hf_dataset(path, texts):
+    "A directory of data files that `datasets` reads as a local Hugging Face dataset (split by file name)."
+    path.mkdir()
+    for sp in ('train', 'validation'): (path/f'{sp}.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+    return path
+
+
+def test_caps_bound_what_is_read(tok, tmp_path, monkeypatch):
+    "max_documents/max_tokens read a prefix of a local HF dataset and no further, however large the split; the score is the prefix's."
+    import latent_thoughts.data as data
+    texts = [f'{TEXTS[i % 3]} ({i})' for i in range(3000)]
+    read, doc_stream = [], data.doc_stream
+    def counting(*a, **kw):   # every document the data layer hands out
+        for x in doc_stream(*a, **kw): read.append(x[0]); yield x
+    monkeypatch.setattr(data, 'doc_stream', counting)
+    n = [1 + len(tok(t, add_special_tokens=False)['input_ids']) for t in texts]   # token_stream's count, by hand
+    need = next(i + 1 for i in range(len(n)) if sum(n[:i + 1]) > 100)             # documents that hold 100 scored tokens
+    lm = tiny(tok)
+    for size in (30, 3000):
+        src = _local_hf_dataset(tmp_path/f'ds{size}', texts[:size])
+        read.clear()
+        assert load_documents(src, max_documents=7) == texts[:7] and read == texts[:7]
+        read.clear()
+        assert load_documents(src, max_tokens=100, tokenizer=tok) == texts[:need] and read == texts[:need]
+        read.clear()
+        r = perplexity(lm, tok, source=src, block_size=256, max_tokens=100, progress=False)
+        assert read == texts[:need] and r['n_documents'] == need and r['n_tokens'] == 100
+        ids = torch.tensor([token_stream(texts, tok)[:101]])   # the reference: one window over the first 101 stream tokens
+        ref = torch.nn.functional.cross_entropy(lm(input_ids=ids).logits[0, :-1], ids[0, 1:]).item()
+        assert r['loss'] == pytest.approx(ref, rel=1e-10)
+        read.clear()
+        assert perplexity(lm, tok, source=src, block_size=256, max_documents=2, progress=False)['n_tokens'] == sum(n[:2]) - 1
+        assert read == texts[:2]
+    read.clear()
+    assert len(load_documents(tmp_path/'ds30')) == 30 == len(read)   # uncapped: the whole split
+    with pytest.raises(ValueError, match='tokenizer='): load_documents(tmp_path/'ds30', max_tokens=10)
+    with pytest.raises(ValueError, match='positive'): load_documents(tmp_path/'ds30', max_documents=0)

@@ -159,9 +159,9 @@ def test_generate_until_halts_at_the_threshold(tok):
             h = HarnessLM(m, tokenizer=tok, progress=False, threshold=tau)
             out = h.generate_until([req('generate_until', TEXT[:40], {'until': ['\n\n'], 'max_gen_toks': 4})], disable_tqdm=True)[0]
         finally: del m.prefill, m.decode
-        assert seen[0] == {'halt_threshold': tau}
+        assert seen[0] == {'threshold': tau}
         steps[tau] = seen[1:]
-        ref = m.generate(torch.tensor([prompt]), max_new_tokens=4, eos_token_id=tok.eos_token_id, halt_threshold=tau)[0, len(prompt):]
+        ref = m.generate(torch.tensor([prompt]), max_new_tokens=4, eos_token_id=tok.eos_token_id, threshold=tau)[0, len(prompt):]
         assert out == _cut(tok.decode([t for t in ref.tolist() if t != tok.eos_token_id], skip_special_tokens=True), ['\n\n'])
         # the same tau scores: the harness's loglikelihood equals the model's own forward at tau
         ll = h.loglikelihood([req('loglikelihood', TEXT[:40], TEXT[40:60])], disable_tqdm=True)[0][0]

@@ -45,6 +45,29 @@ def test_jacobi_equals_sequential(arch, N, mode, init):
     assert tr['to_sequential'][-1] < 1e-12 and tr['to_sequential'][0] > 1e-4
 
 
+@pytest.mark.parametrize('arch,N,mode', [('gpt_neox', 1, 'reuse'), ('llama', 2, 'sequential'), ('gpt2', 2, 'reuse')])
+def test_per_token_trace(arch, N, mode):
+    "per_token: its RMS over real tokens is to_sequential, 0 at padding, a padded row reads as the row alone, the wavefront."
+    m, ids = model_of(arch, N, mode), ids_of(3, 7, seed=5)
+    mask = torch.ones_like(ids); mask[1, 4:] = 0; mask[2, 2:] = 0
+    K = 7 * N
+    tr = jacobi_trace(m, ids, iters=K, attention_mask=mask, per_token=True)
+    pt = torch.tensor(tr['per_token'], dtype=torch.float64)               # (K+1, B, T)
+    assert pt.shape == (K + 1, 3, 7)
+    real = mask.bool()
+    torch.testing.assert_close(pt[:, real].pow(2).mean(-1).sqrt(), torch.tensor(tr['to_sequential'], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-15)
+    assert (pt[:, ~real] == 0).all()
+    for i, L in enumerate([7, 4, 2]):
+        alone = jacobi_trace(m, ids[i:i + 1, :L], iters=K, per_token=True)['per_token']
+        torch.testing.assert_close(pt[:, i, :L], torch.tensor(alone, dtype=torch.float64)[:, 0], rtol=1e-7, atol=1e-12)
+    assert pt[-1].max() < 1e-12 and pt[0, 0, 1:].min() > 1e-6                   # exact after T·N passes, not before
+    if N == 1:   # causality: after pass k the first k+1 tokens are exact, the next one is not yet
+        for k in range(6): assert pt[k, 0, :k + 1].max() < 1e-12 < pt[k, 0, k + 1], (k, pt[k, 0])
+    assert jacobi_trace(m, ids, iters=2)['per_token'] is None
+    with pytest.raises(ValueError, match='reference=True'): jacobi_trace(m, ids, per_token=True, reference=False)
+
+
 @pytest.mark.parametrize('arch,N,mode,init', CASES_INIT)
 def test_residuals_decay(arch, N, mode, init):
     m, ids = model_of(arch, N, mode, thought_init=init), ids_of(2, 10)
