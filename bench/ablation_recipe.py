@@ -1,8 +1,11 @@
 """Ablation of the authors' recipe on the micro preset: embedding scale x initialisation, vanilla and latent thoughts.
 
 Phase 1: {vanilla, latent (N=1, K in {2,3})} x embed_scale {none, authors} x init {hf, authors}, seed 0, same tokens.
-Phase 2: learning-rate check, lr x0.5 and x2, for each method's best phase-1 setting and its hf/none setting.
-Phase 3: a second seed (1) of each method's two best settings (at their best learning rate) to see the noise.
+Phase 2: learning-rate check for every setting: lr x0.5 and x2 of configs/micro.yaml's 3e-3, then further doublings
+         (or halvings) while a setting's best learning rate sits at the edge of what it has tried (up to x8 / x1/8),
+         so that no setting is compared at a learning rate that is simply wrong for it.
+Phase 3: more seeds (1 and 2) of each method's two best settings and of its hf/none setting, each at its best
+         learning rate, to see the noise.
 
 Every run is `latent-thoughts train --config configs/micro.yaml ...` (the library's own trainer, CPU, float32,
 at most `--jobs` at a time under `nice -n 10` and OMP_NUM_THREADS=1); outputs under runs/ablation/ (git-ignored).
@@ -79,8 +82,10 @@ def best(rows, method, lr_mult=None):
         if ppls: scores[(scale, init)] = min(ppls)
     return sorted(scores, key=scores.get)
 
+LR_MULTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
 def best_lr(rows, method, scale, init):
-    opts = {m: rows[run_name(method, scale, init, m)]['eval_ppl'] for m in (0.5, 1.0, 2.0) if run_name(method, scale, init, m) in rows}
+    opts = {m: rows[run_name(method, scale, init, m)]['eval_ppl'] for m in LR_MULTS if run_name(method, scale, init, m) in rows}
     return min(opts, key=opts.get)
 
 def table(rows) -> str:
@@ -89,6 +94,21 @@ def table(rows) -> str:
         method, scale, init, lr, seed = n.split('-')
         lines.append(f"| {method} | {scale[6:]} | {init[5:]} | {BASE_LR * float(lr[2:]):g} | {seed[4:]} | {r['eval_ppl']:.2f} | "
                      f"{r['eval_loss']:.4f} | {r['train_loss']:.4f} | {r['elapsed_s']:.0f} |")
+    return '\n'.join(lines)
+
+def summary(rows) -> str:
+    "One line per (method, scale, init): seed-0 perplexity at each learning rate, the best, and all seeds there."
+    mults = [x for x in LR_MULTS if any(f'-lr{x:g}-' in n for n in rows)]
+    head = '| method | embed_scale | init | ' + ' | '.join(f'lr {BASE_LR * x:g}' for x in mults) + ' | best lr | val ppl at best lr (seeds 0, 1, 2) | mean |'
+    lines = [head, '|' + '---|' * (head.count('|') - 1)]
+    for m in METHODS:
+        for s, i in sorted(SETTINGS, key=lambda si: min([rows[run_name(m, *si, x)]['eval_ppl'] for x in mults if run_name(m, *si, x) in rows] or [1e9])):
+            cells = [f"{rows[run_name(m, s, i, x)]['eval_ppl']:.1f}" if run_name(m, s, i, x) in rows else '' for x in mults]
+            if not any(cells): continue
+            b = best_lr(rows, m, s, i)
+            seeds = [rows[run_name(m, s, i, b, sd)]['eval_ppl'] for sd in (0, 1, 2) if run_name(m, s, i, b, sd) in rows]
+            lines.append(f"| {m} | {s} | {i} | " + ' | '.join(cells) + f" | {BASE_LR * b:g} | {', '.join(f'{x:.1f}' for x in seeds)} | "
+                         f"{sum(seeds) / len(seeds):.1f} |")
     return '\n'.join(lines)
 
 if __name__ == '__main__':
@@ -101,17 +121,26 @@ if __name__ == '__main__':
     if 1 in a.phases: run_all([(m, s, i, 1.0, 0) for m in METHODS for s, i in SETTINGS], a.steps, a.jobs)
     rows = collect()
     if 2 in a.phases:
-        specs = []
-        for m in METHODS:
-            for s, i in {best(rows, m, 1.0)[0], ('none', 'hf')}:
-                specs += [(m, s, i, mult, 0) for mult in (0.5, 2.0)]
-        run_all(specs, a.steps, a.jobs); rows = collect()
+        run_all([(m, s, i, mult, 0) for m in METHODS for s, i in SETTINGS for mult in (0.5, 2.0)], a.steps, a.jobs)
+        for _ in range(3):   # extend the grid where the best learning rate is at its edge
+            rows, specs = collect(), []
+            for m in METHODS:
+                for s, i in SETTINGS:
+                    tried = sorted(x for x in LR_MULTS if run_name(m, s, i, x) in rows)
+                    b_lr = best_lr(rows, m, s, i)
+                    if b_lr == tried[-1] and b_lr < 8: specs.append((m, s, i, b_lr * 2, 0))
+                    if b_lr == tried[0] and b_lr > 1 / 8: specs.append((m, s, i, b_lr / 2, 0))
+            if not specs: break
+            run_all(specs, a.steps, a.jobs)
+        rows = collect()
     if 3 in a.phases:
         specs = []
         for m in METHODS:
-            for s, i in best(rows, m)[:2]: specs.append((m, s, i, best_lr(rows, m, s, i), 1))
+            for s, i in dict.fromkeys(best(rows, m)[:2] + [('none', 'hf')]):
+                specs += [(m, s, i, best_lr(rows, m, s, i), seed) for seed in (1, 2)]
         run_all(specs, a.steps, a.jobs); rows = collect()
     (OUT/'results.json').write_text(json.dumps({'steps': a.steps, 'runs': rows}, indent=2))
-    md = f"Micro preset, {a.steps} steps, configs/micro.yaml (batch 8 x 128 tokens, warm-up 20, cosine to lr/10), CPU float32.\n\n" + table(rows)
+    md = (f"Micro preset, {a.steps} steps, configs/micro.yaml (batch 8 x 128 tokens, warm-up 20, cosine to lr/10), CPU float32; "
+          f"validation perplexity on 128 blocks of 128 tokens.\n\n" + summary(rows) + "\n\nEvery run:\n\n" + table(rows))
     (ROOT/'bench'/'ablation_recipe.md').write_text(md + '\n')
     print(md)

@@ -96,12 +96,11 @@ def test_checkpoint_arguments_load_through_one_loader(tmp_path, monkeypatch):
     assert rc == 1 and 'has no final model' in txt and 'suite train latent-neox-S --scale smoke' in txt
 
 
-def test_suite_train_jobs_runs_shards_in_parallel(tmp_path):
+def test_suite_train_jobs_runs_shards_in_parallel(tmp_path, capsys):
     "`suite train --jobs 2`: two single-threaded workers, one per shard, train the selection once between them."
     from latent_thoughts.suite import Suite
     p = tmp_path/'suite.yaml'; p.write_text((ROOT/'suite.yaml').read_text())
-    r = subprocess.run([sys.executable, '-m', 'latent_thoughts.cli', 'suite', 'train', 'vanilla-gpt2-S', 'vanilla-llama-S',
-                        '--scale', 'smoke', '--suite', str(p), '--jobs', '2'], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.count('1 run(s) trained and published') == 2 and '[0/2]' in r.stdout and '[1/2]' in r.stdout, r.stdout
+    rc = main(['suite', 'train', 'vanilla-gpt2-S', 'vanilla-llama-S', '--scale', 'smoke', '--suite', str(p), '--jobs', '2'])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count('1 run(s) trained and published') == 2 and '[0/2]' in out and '[1/2]' in out, out[-2000:]
     assert Suite(p).status('smoke', names=['vanilla-gpt2-S', 'vanilla-llama-S']).state.tolist() == ['done', 'done']

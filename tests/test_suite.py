@@ -63,7 +63,7 @@ def test_config_matches_an_independent_construction():
                       [f"train.{k}={json.dumps(v)}" for k, v in sc['defaults']['train'].items()] +
                       ['model.preset=micro', 'model.d_model=64', 'model.n_layer=2', 'model.n_head=4',
                        'model.method=latent', 'model.method_args={n_thoughts: 2, train_iters: [2, 3]}', 'train.seed=0'])
-    ref.train.steps = int(sc['budgets']['ablation']) // (128 * 8)
+    ref.train.steps = round(float(sc['budgets']['ablation']) / (128 * sc['defaults']['data']['batch_size']))
     ref.train.warmup = round(sc['warmup_frac'] * ref.train.steps)
     ref.train.out_dir = str(S.run_dir('latent-abl-N2', 'micro'))
     assert S.config_for('latent-abl-N2', 'micro') == ref
@@ -218,3 +218,25 @@ def test_shipped_artefacts_are_traceable_and_within_budget():
         assert (d/'model').exists() == S.ships_model(d.name, 'micro'), d.name
         for e in json.loads((d/'evals.json').read_text()).values() if (d/'evals.json').exists() else []:
             assert e['weights_sha256'] == man['weights_sha256'], f'{d.name}: a cached evaluation of other weights'
+
+
+def test_harness_evaluation_is_cached(tmp_path):
+    "The offline task pack through lm-evaluation-harness, cached like perplexity (split None)."
+    S = Suite(suite_copy(tmp_path))
+    S.train(['vanilla-llama-S'], 'smoke', progress=False)
+    a = S.evaluate('vanilla-llama-S', 'smoke', 'harness', None)
+    assert not a['cached'] and set(a['results']) == {'lt_lastword', 'lt_nextline'}
+    assert a['n-samples']['lt_nextline']['effective'] == S.scales['smoke']['eval']['harness']['limit']
+    b = S.evaluate('vanilla-llama-S', 'smoke', 'harness', None)
+    assert b['cached'] and b['results'] == a['results'] and b['weights_sha256'] == S.manifest('vanilla-llama-S', 'smoke')['weights_sha256']
+
+
+def test_optional_run_trains_once_its_method_is_registered(tmp_path):
+    "mor-llama-L is skipped while `mor` is unregistered; importing its module registers it and the run trains at smoke scale."
+    pytest.importorskip('latent_thoughts.mor')   # registers MoRLM as 'mor'
+    S = Suite(suite_copy(tmp_path))
+    assert S.state('mor-llama-L', 'smoke') == 'missing'
+    assert S.config_for('mor-llama-L', 'micro').model.method_args == {'sharing': 'cycle'}   # 2 layers: no middle cycle
+    assert S.config_for('mor-llama-L', 'paper').model.method_args == {}                     # the paper's middle cycle
+    done = S.train(['mor-llama-L'], 'smoke', progress=False)
+    assert [m['run'] for m in done] == ['mor-llama-L'] and S.state('mor-llama-L', 'smoke') == 'done'
