@@ -102,6 +102,21 @@ def test_older_checkpoints_still_load(tmp_path, name):
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert {k: list(v) for k, v in info.items() if v} == {}
 
+@pytest.mark.parametrize('arch', ['gpt_neox', 'gpt2'])
+def test_older_layout_written_by_hand_loads(tmp_path, arch):
+    "The layout before HF-native checkpoints, written here as that code did: the wrapper's whole state dict, `lm.` names."
+    from safetensors.torch import save_model
+    m = PauseLM(_tiny(arch, dtype=torch.float32), n_pause=1).eval()
+    m.lm.config.save_pretrained(tmp_path)
+    (tmp_path/LATENT_CONFIG).write_text(json.dumps({'method': 'pause', **m.method_config(), 'latent_thoughts_version': '0.1.0'}))
+    save_model(m, str(tmp_path/WEIGHTS))
+    back = load_method_lm(tmp_path).eval()
+    assert back.embed_scale == 1.0 and type(back) is PauseLM
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in back.state_dict().items())
+    other = PauseLM(build_lm(arch, seed=3, **SHAPE), n_pause=1)
+    _load_weights(other, tmp_path/WEIGHTS)                                       # the trainer's path too
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in other.state_dict().items())
+
 def test_one_loader_for_every_kind(tmp_path):
     lm = _tiny()
     lm.save_pretrained(tmp_path/'plain')

@@ -39,7 +39,8 @@ def test_declares_the_runs_of_both_papers():
     assert S.select('micro', figure='fig13') == ['latent-abl-K2', 'latent-abl-K234']
     assert {f'{b}-abl{s}' for b in ('vanilla', 'latent') for s in ('', '-seed1', '-seed2')} <= set(S.runs)
     assert m['latent-abl-seqpos'][1]['position_mode'] == 'sequential'
-    assert S.config_for('latent-abl-authors', 'micro').model.embed_scale == 'authors'
+    assert (S.config_for('latent-abl', 'micro').model.embed_scale, S.config_for('latent-abl', 'micro').model.init) == ('authors', 'authors')
+    assert (S.config_for('latent-abl-hf', 'micro').model.embed_scale, S.config_for('latent-abl-hf', 'micro').model.init) in ((None, 'hf'), ('none', 'hf'))
     for cpt in ('vanilla-cpt', 'latent-cpt'):   # continual pretraining from the trained vanilla model, on the same tokens
         assert S.runs[cpt].init_source('micro') == 'vanilla-llama-L'
         assert S.config_for(cpt, 'paper').model.init_from == 'meta-llama/Llama-3.2-3B'
