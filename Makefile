@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data demo test test-fast test-slow test-cuda check-sync figures figures-smoke bench micro export clean-nbs
+.PHONY: reproduce setup data demo test test-fast test-slow test-cuda check-sync figures figures-smoke bench micro export clean-nbs
 
 $(STAMP): setup.py settings.ini
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -55,6 +55,13 @@ figures: setup
 # the same notebooks at smoke scale (their `(smoke: ...)` parameter values) -> executed/smoke/figures/
 figures-smoke: setup
 	bash tools/run_figures.sh --smoke --only '$(ONLY)'
+
+# the reproduction suite (suite.yaml): train every micro run (resumably, two single-threaded workers), then evaluate
+reproduce: setup
+	$(VENV)/bin/latent-thoughts suite train --scale micro --jobs 2
+	$(VENV)/bin/latent-thoughts suite eval --scale micro --split validation
+	$(VENV)/bin/latent-thoughts suite eval --scale micro --split test
+	$(VENV)/bin/latent-thoughts suite eval --scale micro --kind harness --split none
 
 # the micro checkpoints the paper notebooks default to (shipped in assets/; this retrains them, resumably)
 micro: setup

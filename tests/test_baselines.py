@@ -302,3 +302,18 @@ def test_embedding_scale_reaches_every_baseline_input():
         assert (p(ids).logits - pause_by_hand(Scaled(), ids, 3.0 * p.pause_embeds[0].expand(2, -1))).abs().max() < 1e-10
         lp = LoopedLM(lm, n_loops=2).eval(); lp.embed_scale = 3.0
         assert (lp(ids).logits - unrolled(lm, 2)(inputs_embeds=3.0 * E(ids)).logits).abs().max() < 1e-10
+
+def test_authors_recipe_per_baseline():
+    "embed_scale='authors' follows each of the authors' files: √d for pause and pondering, √(2.5·d) for the loop; N+1 per method."
+    import math
+    from latent_thoughts.config import ModelConfig, build_model, init_streams
+    d = 64
+    build = lambda method, **a: build_model(ModelConfig(d_model=d, n_layer=2, n_head=4, method=method, method_args=a), seed=0)
+    pa, po, lo = build('pause', n_pause=2), build('pondering', n_ponder=2), build('looped', n_loops=3)
+    assert (pa.embed_scale, po.embed_scale) == (pytest.approx(math.sqrt(d)), pytest.approx(math.sqrt(d)))
+    assert lo.embed_scale == pytest.approx(math.sqrt(2.5 * d))
+    assert (init_streams(pa), init_streams(po), init_streams(lo)) == (1, 3, 3)
+    s = math.sqrt(2 / (5 * d))   # the pause vector is drawn like W_E (truncated normal), not with HF's 0.02
+    assert pa.pause_embeds.std().item() == pytest.approx(0.9866 * s, rel=0.25) and pa.pause_embeds.abs().max() <= 3 * s
+    w = po.lm.gpt_neox.layers[0].mlp.dense_4h_to_h.weight   # PonderingLM's √(2L(P+1)) = √12
+    assert w.std().item() == pytest.approx(0.9866 * s / math.sqrt(12), rel=0.1)

@@ -161,11 +161,50 @@ def test_build_model_applies_the_recipe_to_fresh_models_only(tmp_path):
     assert build_model(ModelConfig(init_from=str(tmp_path/'ours'), embed_scale=None, method='latent')).embed_scale == 2.0
 
 @pytest.mark.parametrize('method,args,n', [('vanilla', {}, 1), ('latent', {'n_thoughts': 2}, 3), ('looped', {'n_loops': 3}, 3),
-                                           ('adaptive', {'k_max': 4}, 4), ('pause', {'n_pause': 2}, 1), ('pondering', {'n_ponder': 2}, 1)])
+                                           ('adaptive', {'k_max': 4}, 4), ('pause', {'n_pause': 2}, 1), ('pondering', {'n_ponder': 2}, 3)])
 def test_init_streams_per_method(method, args, n):
-    "N+1 of the authors' init: latent N+1 and looped passes (their GPT-NeoX files), adaptive K_max (our choice), else 1."
+    "N+1 of the authors' init: latent N+1, looped passes, pondering P+1 (their GPT-NeoX files), adaptive K_max (our choice), pause 1."
     from latent_thoughts.config import init_streams
     m = build_model(ModelConfig(preset='micro', d_model=32, n_layer=2, method=method, method_args=args, init='authors'), vocab_size=128)
     assert init_streams(m) == n
     w = m.lm.gpt_neox.layers[0].mlp.dense_4h_to_h.weight
     assert w.std().item() == pytest.approx(TRUNC * math.sqrt(2 / (5 * 32)) / math.sqrt(2 * 2 * n), rel=0.05)
+
+def test_embed_scale_factor_per_method():
+    "'authors' is √(factor·d) with the method's class factor: 2.5 by default, as in the authors' PonderLM-2 files."
+    assert MethodLM.embed_scale_factor == 2.5
+    assert resolve_embed_scale('authors', 64, factor=1.0) == 8.0 and resolve_embed_scale('authors', 40, factor=2.5) == 10.0
+    class Narrow(VanillaLM): embed_scale_factor = 1.0                                     # a method with the √d rule
+    assert build_model(ModelConfig(d_model=40, n_layer=1, n_head=4)).embed_scale == pytest.approx(10.0)   # √(2.5·40)
+    m = Narrow(build_lm('llama', vocab_size=64, d_model=64, n_layer=1, n_head=4, max_positions=32))
+    assert resolve_embed_scale('authors', m.config.hidden_size, factor=m.embed_scale_factor) == 8.0
+
+def test_save_warns_once_per_model(tmp_path):
+    import json, warnings
+    from latent_thoughts.core import SCALE_KEY
+    m = VanillaLM(build_lm('llama', vocab_size=64, d_model=32, n_layer=1, n_head=4, max_positions=32)); m.embed_scale = 2.0
+    def n_warnings(model, d):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always'); model.save_pretrained(d)
+        return sum('plain Hugging Face load' in str(x.message) for x in w)
+    assert [n_warnings(m, tmp_path/'a'), n_warnings(m, tmp_path/'b'), n_warnings(m, tmp_path/'c')] == [1, 0, 0]
+    assert json.loads((tmp_path/'c'/'config.json').read_text())[SCALE_KEY] == 2.0          # the record is still written
+    other = VanillaLM(build_lm('llama', vocab_size=64, d_model=32, n_layer=1, n_head=4, max_positions=32)); other.embed_scale = 2.0
+    assert n_warnings(other, tmp_path/'d') == 1                                           # another model warns again
+
+def test_init_weights_draws_a_pause_embedding():
+    class Paused(torch.nn.Module):
+        def __init__(self, lm): super().__init__(); self.lm, self.pause_embeds = lm, torch.nn.Parameter(torch.zeros(4, 256))
+    w = Paused(build_lm('llama', vocab_size=64, d_model=256, n_layer=1, n_head=4, max_positions=32))
+    init_weights(w)
+    s = math.sqrt(2 / (5 * 256))
+    assert w.pause_embeds.std().item() == pytest.approx(0.9866 * s, rel=0.1) and w.pause_embeds.abs().max() <= 3 * s
+
+def test_load_names_a_shape_mismatch_not_corruption(tmp_path):
+    from latent_thoughts.core import _load_weights
+    VanillaLM(build_lm('llama', vocab_size=64, d_model=32, n_layer=1, n_head=4, max_positions=32)).save_pretrained(tmp_path)
+    wide = VanillaLM(build_lm('llama', vocab_size=64, d_model=64, n_layer=1, n_head=4, max_positions=32))
+    with pytest.raises(ValueError) as e: _load_weights(wide, tmp_path/'model.safetensors')
+    assert 'checkpoint (64, 32) vs model (64, 64)' in str(e.value) and 'corrupt' not in str(e.value)
+    (tmp_path/'model.safetensors').write_bytes(b'\x08' + b'\x00' * 7 + b'{"a":')          # a truncated header: a read error
+    with pytest.raises(ValueError, match='corrupt or truncated'): _load_weights(wide, tmp_path/'model.safetensors')
