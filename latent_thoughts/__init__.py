@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 # The public API (the modules themselves are generated from nbs/ by nbdev_export).
 from .core import (MethodLM, MethodOutput, VanillaLM, build_lm, hf_config, preset_shape, PRESETS, register_method,
-                   load_method_lm, checkpoint_kind, init_weights, resolve_embed_scale, Taxonomy, taxonomy_table)
+                   load_method_lm, checkpoint_kind, checkpoint_class, init_weights, resolve_embed_scale, Taxonomy, taxonomy_table)
 from .attention import BACKENDS, check_backend, set_attention_backend
 from .data import data_dir, prepare_corpus, get_tokenizer, train_tokenizer, iter_documents, get_blocks, PackedBlocks, BlockLoader, eval_batches, prepare, EOT, doc_stream, TokenStream, StreamLoader
 from .latent import LatentThoughtLM, jacobi_trace, sequential_hidden, JacobiNotConverged, THOUGHT_INITS

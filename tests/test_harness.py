@@ -204,7 +204,7 @@ def _ponderlm2_dir(tok, path, K=3):
 def test_checkpoints_load_through_load_method_lm(tok, tmp_path):
     "Every format load_method_lm reads works in the harness (plain HF dir, the authors' release); method args override."
     from latent_thoughts.core import load_method_lm
-    from latent_thoughts.harness import checkpoint_class
+    from latent_thoughts.core import checkpoint_class
     from latent_thoughts.latent import LatentThoughtLM
     ctx, cont = TEXT[:44], TEXT[44:80]
     lm = build_lm(vocab_size=len(tok), d_model=32, n_layer=1, n_head=2, max_positions=64)
