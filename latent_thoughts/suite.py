@@ -14,8 +14,8 @@ from .config import Config, SECTIONS, load_config, config_path, import_methods
 # %% auto #0
 __all__ = ['TOP_KEYS', 'FIGURE_KEYS', 'SCALE_KEYS', 'SIZE_KEYS', 'RUN_KEYS', 'STORE_DTYPES', 'EVAL_KINDS', 'SUITE_EXAMPLES',
            'SuiteError', 'suite_path', 'Run', 'Suite', 'sha256_file', 'weights_sha256', 'store_weights', 'train_cost',
-           'register_eval', 'eval_ppl', 'eval_harness', 'eval_key', 'load_suite', 'runs', 'config_for', 'train',
-           'status', 'checkpoint', 'metrics', 'evaluate', 'cli']
+           'register_eval', 'eval_ppl', 'eval_harness', 'eval_key', 'results', 'load_suite', 'runs', 'config_for',
+           'train', 'status', 'checkpoint', 'metrics', 'evaluate', 'cli']
 
 # %% ../nbs/13_suite.ipynb #efecf4ad
 class SuiteError(ValueError):
@@ -638,6 +638,44 @@ def _seed_noise(self:Suite, run, scale:str='micro', kind:str='ppl', split='valid
     vals = {n: self.evaluate(n, scale, kind, split, **settings)[key] for n in names}
     v = list(vals.values())
     return dict(values=vals, mean=statistics.mean(v), std=statistics.stdev(v), spread=max(v) - min(v))
+
+# %% ../nbs/13_suite.ipynb #1eb95fd9
+@_method
+def _results(self:Suite, scale:str='micro', figure:str|None=None, names=None,
+             evals:tuple=(('ppl', 'validation'),), # (kind, split) pairs, from the cache (computed when the model is here)
+             train_missing:bool=False, # train the runs that are not done first (seconds at smoke scale)
+             log=print):
+    "One row per selected run: declaration, published manifest and cached evaluations; untrained runs keep a row of NaNs."
+    import pandas as pd
+    sel = self.select(scale, figure, names)
+    if train_missing:
+        todo = [n for n in sel if self.state(n, scale) != 'done' and not self.state(n, scale).startswith('skipped')]
+        if todo: self.train(todo, scale, progress=False, log=lambda *a: None)
+    keys = ('params', 'tokens', 'steps', 'train_flops', 'train_flops_per_token', 'final_train_loss', 'final_eval_loss',
+            'train_s', 'weights_sha256')
+    rows = []
+    for n in sel:
+        r = self.runs[n]; st = self.state(r, scale); man = self.manifest(r, scale) or {}
+        row = dict(run=n, method=r.method, method_args=r.method_args, size=r.size, family=r.size.split('-')[0],
+                   seed=r.seed, state=st, **{k: man.get(k, float('nan')) for k in keys})
+        if st != 'done':
+            log(f"{n}: {st} at scale {scale!r} -- not in this figure until trained: "
+                f"`latent-thoughts suite train {n} --scale {scale}`")
+        for kind, split in evals:
+            res = None
+            if st == 'done':
+                try: res = self.evaluate(r, scale, kind, split)
+                except SuiteError as e: log(f"{n}: {e}")
+            if kind == 'ppl':
+                row[f'{split}_loss'] = res['loss'] if res else float('nan')
+                row[f'{split}_ppl'] = res['ppl'] if res else float('nan')
+            else: row[f'{kind}_{split}' if split else kind] = res
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+def results(scale:str='micro', figure:str|None=None, names=None, **kwargs):
+    "`Suite.results` on the repository's suite."
+    return load_suite().results(scale, figure, names, **kwargs)
 
 # %% ../nbs/13_suite.ipynb #2d0edf04
 _DEFAULT = {}
