@@ -89,7 +89,7 @@ def _expand(name:str, d:dict) -> list:
 class Suite:
     "The runs of `suite.yaml` at every scale: configs, training, status, published checkpoints, cached evaluations."
     def __init__(self, path=None, # the suite file (default: `suite_path()`)
-                 runs_dir=None, # training state (default: the file's `paths.runs`, relative to the file)
+                 runs_dir=None, # training state (default: $LATENT_THOUGHTS_RUNS, else the file's `paths.runs`)
                  assets_dir=None): # shipped artefacts (default: the file's `paths.assets`)
         self.path = suite_path(path).resolve()
         self.root = self.path.parent
@@ -98,6 +98,7 @@ class Suite:
         _check_keys(raw, TOP_KEYS, self.path.name)
         paths = raw.get('paths') or {}
         _check_keys(paths, ('runs', 'assets'), 'paths')
+        runs_dir = runs_dir or os.environ.get('LATENT_THOUGHTS_RUNS')   # e.g. a private folder per test session
         self.runs_dir = Path(runs_dir) if runs_dir else self.root/paths.get('runs', 'runs/suite')
         self.assets_dir = Path(assets_dir) if assets_dir else self.root/paths.get('assets', 'assets/suite')
         self.figures = raw.get('figures') or {}

@@ -31,6 +31,9 @@ def test_paper_notebook_conventions(nb):
 def executed(tmp_path_factory):
     "Run a paper notebook once per session with its smoke parameters; return the folder it wrote."
     papermill = pytest.importorskip('papermill')
+    import os
+    # smoke runs train into a folder of this session (the kernels inherit it): never into a shared runs/suite
+    os.environ.setdefault('LATENT_THOUGHTS_RUNS', str(tmp_path_factory.mktemp('suite-runs')))
     done = {}
     def run(stem):
         if stem not in done:
