@@ -27,25 +27,6 @@ def test_paper_notebook_conventions(nb):
     assert check_paper_notebook(nb) == []
 
 
-@pytest.fixture(scope='session')
-def executed(tmp_path_factory):
-    "Run a paper notebook once per session with its smoke parameters; return the folder it wrote."
-    papermill = pytest.importorskip('papermill')
-    import os
-    # smoke runs train into a folder of this session (the kernels inherit it): never into a shared runs/suite
-    os.environ.setdefault('LATENT_THOUGHTS_RUNS', str(tmp_path_factory.mktemp('suite-runs')))
-    done = {}
-    def run(stem):
-        if stem not in done:
-            nb = ROOT/'nbs'/f'{stem}.ipynb'
-            out = tmp_path_factory.mktemp(stem)
-            papermill.execute_notebook(str(nb), str(out/nb.name), cwd=str(ROOT), kernel_name='python3', progress_bar=False,
-                                       parameters={**smoke_parameters(nb), 'output_dir': str(out/'figures')})
-            done[stem] = out/'figures'
-        return done[stem]
-    return run
-
-
 def _numbers(x):
     if isinstance(x, dict): return [n for v in x.values() for n in _numbers(v)]
     if isinstance(x, list): return [n for v in x for n in _numbers(v)]
