@@ -296,15 +296,37 @@ def _atomic_write(path:Path, text:str):
     tmp.write_text(text)
     os.replace(tmp, path)
 
-def _config_sha(cfg:Config, suite:Suite, scale:str) -> str:
-    "Identity of a run's config: everything but where it is written and how it shows progress."
-    d = cfg.to_dict()
+def _identity(d:dict, suite:Suite, scale:str) -> dict:
+    "A config dict without where it is written and how it shows progress; a dependency named by its run, not its path."
+    d = json.loads(json.dumps(d, default=str))
     d['train'] = {k: v for k, v in d['train'].items() if k not in ('out_dir', 'progress', 'trackers')}
     src = d['model'].get('init_from')
-    if src:   # a dependency is named by its run, not by where this checkout keeps it
+    if src:   # wherever a checkout keeps it: <runs>/<scale>/<run>/final
         for n in suite.runs:
-            if src == str(suite.final_dir(n, scale)): d['model']['init_from'] = f'run:{n}'
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+            if src == str(suite.final_dir(n, scale)) or Path(src).parts[-3:] == (scale, n, 'final'): d['model']['init_from'] = f'run:{n}'
+    return d
+
+def _config_sha(cfg:Config, suite:Suite, scale:str) -> str:
+    "Identity of a run's config: everything but where it is written and how it shows progress."
+    return hashlib.sha256(json.dumps(_identity(cfg.to_dict(), suite, scale), sort_keys=True, default=str).encode()).hexdigest()
+
+def _compatible(old:dict, new:dict, default:dict) -> bool:
+    "`old` equals `new` but for fields `old` lacks that `new` holds at their default (config fields added since)."
+    for k in set(old) | set(new):
+        if k not in new: return False
+        if k not in old:
+            if new[k] != default.get(k): return False
+        elif isinstance(old[k], dict) and isinstance(new[k], dict) and isinstance(default.get(k, {}), dict):
+            if not _compatible(old[k], new[k], default.get(k) or {}): return False
+        elif old[k] != new[k]: return False
+    return True
+
+def _same_config(recorded:dict, cfg:Config, suite:Suite, scale:str) -> bool:
+    "Whether a recorded run (its config_sha256 and, when kept, its config) was trained with `cfg`."
+    if recorded.get('config_sha256') == _config_sha(cfg, suite, scale): return True
+    if not recorded.get('config'): return False
+    return _compatible(_identity(recorded['config'], suite, scale), _identity(cfg.to_dict(), suite, scale),
+                       _identity(Config().to_dict(), suite, scale))
 
 def _read_json(p:Path, default=None):
     try: return json.loads(Path(p).read_text())
@@ -345,9 +367,9 @@ def _state(self:Suite, run, scale:str='micro') -> str:
     if why: return why
     cfg = self.config_for(r, scale)
     man = self.manifest(r, scale)
-    if man is not None: return 'done' if man.get('config_sha256') == _config_sha(cfg, self, scale) else 'stale'
+    if man is not None: return 'done' if _same_config(man, cfg, self, scale) else 'stale'
     started = _read_json(self.run_dir(r, scale)/'suite.json', {})
-    if started and started.get('config_sha256') != _config_sha(cfg, self, scale): return 'stale'
+    if started and not _same_config(started, cfg, self, scale): return 'stale'
     ck = latest_checkpoint(self.run_dir(r, scale))
     return 'missing' if ck is None else 'partial'
 
@@ -491,7 +513,8 @@ def _train(self:Suite, names=None, # run names (default: all, or those of `figur
         cfg = self.config_for(r, scale); cfg.train.progress = progress
         if _is_main():
             rd.mkdir(parents=True, exist_ok=True)
-            _atomic_write(rd/'suite.json', json.dumps({'run': n, 'scale': scale, 'config_sha256': _config_sha(cfg, self, scale)}))
+            _atomic_write(rd/'suite.json', json.dumps({'run': n, 'scale': scale, 'config_sha256': _config_sha(cfg, self, scale),
+                                                     'config': cfg.to_dict()}, default=str))
         if _step_of(latest_checkpoint(rd)) < cfg.train.steps:
             Trainer(cfg).fit(resume=True)
         _barrier()
