@@ -819,11 +819,19 @@ def cli(argv:list|None=None):
     s.add_argument('--split', default='validation', help="train | validation | test, or none (default: %(default)s)")
     s.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='evaluation settings, e.g. jacobi_iters=6 max_tokens=20000')
     s.add_argument('--recompute', action='store_true', help='evaluate even where cached')
+    s = sub.add_parser('claims', parents=[common], help="each headline claim of both papers: paper vs this scale, with a verdict",
+                       description="Write claims.md and claims.json (the README's table) from the trained runs and cached evaluations "
+                                   "of a scale (nbs/16_claims.ipynb: the claims and the verdict rule).")
+    s.add_argument('-o', '--output', default=None, help="folder (default: the scale's assets folder)")
     s = sub.add_parser('config', parents=[common], help="a run's training config as YAML (for `latent-thoughts train --config`)")
     s.add_argument('run', help='run name')
     s.add_argument('-o', '--output', default=None, help='write here (default: print)')
     a = ap.parse_args(argv)
     S = Suite(a.suite, a.runs_dir, a.assets_dir) if (a.suite or a.runs_dir or a.assets_dir) else load_suite()
+    if a.action == 'claims':
+        from latent_thoughts.claims import write_claims
+        p = write_claims(a.scale, S, a.output)
+        print(p.read_text()); print(f"written: {p} (and claims.json)"); return p
     if a.action == 'list':
         df = S.plan(a.scale, a.figure, a.runs or None)
         print(_table(df)); return df
