@@ -253,7 +253,7 @@ def _select(self:Suite, scale:str='micro', figure:str|None=None, names=None) -> 
     self.scale(scale)
     if figure is not None and figure not in self.figures:
         raise SuiteError(f"unknown figure {figure!r}; declared figures: {sorted(self.figures)}")
-    sel = [self.run(n).name for n in names] if names else list(self.runs)
+    sel = [self.run(n).name for n in names] if names is not None else list(self.runs)   # names=[]: none
     if figure is not None: sel = [n for n in sel if figure in self.runs[n].figures]
     return sel
 
