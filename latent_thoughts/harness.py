@@ -18,8 +18,8 @@ from .evaluation import (as_method_lm, load_tokenizer, context_length, score_win
                                         record_jacobi, jacobi_summary)
 
 # %% auto #0
-__all__ = ['TASK_DIR', 'TASKS', 'HarnessLM', 'prefill_kwargs', 'lastword_examples', 'nextline_examples', 'build_task_pack',
-           'task_configs', 'task_include_dir', 'get_task_manager', 'evaluate', 'cli']
+__all__ = ['TASK_DIR', 'TASKS', 'SHORT', 'HarnessLM', 'prefill_kwargs', 'lastword_examples', 'nextline_examples',
+           'build_task_pack', 'task_configs', 'task_include_dir', 'get_task_manager', 'evaluate', 'cli']
 
 # %% ../nbs/09_harness.ipynb #15042b47
 def _explicit_params(fn) -> set[str]:
@@ -191,7 +191,8 @@ def _generate_until(self, requests, disable_tqdm=False):
 # %% ../nbs/09_harness.ipynb #e55208c8
 import latent_thoughts
 TASK_DIR = Path(latent_thoughts.__file__).parent/'tasks'  # the shipped jsonl of the offline pack
-TASKS = ('lt_lastword', 'lt_lastword_gen', 'lt_nextline')
+TASKS = ('lt_lastword', 'lt_lastword_gen', 'lt_nextline', 'lt_lastword_short', 'lt_nextline_short')
+SHORT = {'lt_lastword_short': 56, 'lt_nextline_short': 44}   # context budget in characters: 5-shot fits 128 tokens
 _WORD = re.compile(r"^(.*\S)\s+([A-Za-z][A-Za-z'-]*[A-Za-z])[^A-Za-z0-9]*$")
 
 def _verse(line:str) -> bool:
@@ -207,7 +208,7 @@ def _context(lines:list[str], i:int, budget:int) -> str:
     while j > 0 and n + len(lines[j - 1]) + 1 <= budget: j -= 1; n += len(lines[j]) + 1
     return '\n'.join(lines[j:i])
 
-def lastword_examples(documents:list[str], n:int=300, seed:int=0, budget:int=600) -> list[dict]:
+def lastword_examples(documents:list[str], n:int=300, seed:int=0, budget:int=600, min_context:int=100) -> list[dict]:
     "LAMBADA-style examples: {'context', 'word'}, the word ends a line of `documents`."
     cands = []
     for d, doc in enumerate(documents):
@@ -216,12 +217,12 @@ def lastword_examples(documents:list[str], n:int=300, seed:int=0, budget:int=600
             mt = _WORD.match(line.strip())
             if i >= 4 and _verse(line) and mt and len(mt.group(2)) >= 3:
                 prev = _context(lines, i, budget - len(line))
-                if len(prev) >= 100: cands.append(dict(context=prev + '\n' + mt.group(1), word=mt.group(2), doc=d, line=i))
+                if len(prev) >= min_context: cands.append(dict(context=prev + '\n' + mt.group(1), word=mt.group(2), doc=d, line=i))
     if len(cands) < n: raise ValueError(f"only {len(cands)} last-word candidates in the documents, {n} asked: pass fewer")
     pick = sorted(random.Random(seed).sample(range(len(cands)), n))
     return [cands[k] for k in pick]
 
-def nextline_examples(documents:list[str], n:int=300, seed:int=0, budget:int=400, n_choices:int=4) -> list[dict]:
+def nextline_examples(documents:list[str], n:int=300, seed:int=0, budget:int=400, n_choices:int=4, min_context:int=100) -> list[dict]:
     "Multiple-choice examples: {'context', 'choices', 'label'}; distractors are lines of other documents."
     rng = random.Random(seed)
     pool = [(d, l.strip()) for d, doc in enumerate(documents) for l in doc.split('\n') if _verse(l)]
@@ -231,7 +232,7 @@ def nextline_examples(documents:list[str], n:int=300, seed:int=0, budget:int=400
         for i in range(4, len(lines) - 1):
             if _verse(lines[i]) and _verse(lines[i + 1]):
                 ctx = _context(lines, i + 1, budget)
-                if len(ctx) >= 100: cands.append((d, i, ctx, lines[i + 1].strip()))
+                if len(ctx) >= min_context: cands.append((d, i, ctx, lines[i + 1].strip()))
     if len(cands) < n or len(set(d for d, _ in pool)) < 2:
         raise ValueError(f"only {len(cands)} next-line candidates (or one document) in the documents, {n} asked: pass more text or fewer examples")
     out = []
@@ -255,7 +256,9 @@ def build_task_pack(out_dir=None, # where to write the jsonl files (default: the
         from latent_thoughts.data import iter_documents
         documents = list(iter_documents('shakespeare', split='test'))
     if not documents: raise ValueError("no documents to build the task pack from: the split is empty")
-    data = {'lt_lastword': lastword_examples(documents, n, seed), 'lt_nextline': nextline_examples(documents, n, seed)}
+    data = {'lt_lastword': lastword_examples(documents, n, seed), 'lt_nextline': nextline_examples(documents, n, seed),
+            'lt_lastword_short': lastword_examples(documents, n, seed, budget=SHORT['lt_lastword_short'], min_context=0),
+            'lt_nextline_short': nextline_examples(documents, n, seed, budget=SHORT['lt_nextline_short'], min_context=20)}
     paths = {}
     for name, rows in data.items():
         paths[name] = out/f'{name}.jsonl'
@@ -272,7 +275,7 @@ def task_configs(data_dir=None) -> dict[str, dict]:
     def base(name, file):
         return dict(task=name, dataset_path='json', dataset_kwargs={'data_files': {'test': str(d/file)}},
                     test_split='test', metadata={'version': 1.0})
-    return {
+    cfgs = {
         'lt_lastword': {**base('lt_lastword', 'lt_lastword.jsonl'), 'output_type': 'loglikelihood',
                         # lm-eval passes a loglikelihood target as it is (no target_delimiter): the word carries its
                         # space, as in lm-eval's own lambada (else the model scores "father" + "sends", a token it never saw)
@@ -292,12 +295,15 @@ def task_configs(data_dir=None) -> dict[str, dict]:
                         'metric_list': [{'metric': 'acc', 'aggregation': 'mean', 'higher_is_better': True},
                                         {'metric': 'acc_norm', 'aggregation': 'mean', 'higher_is_better': True}]},
     }
+    for short in SHORT:   # the same configs over the short-context files
+        cfgs[short] = {**cfgs[short.removesuffix('_short')], **base(short, f'{short}.jsonl')}
+    return cfgs
 
 def task_include_dir(data_dir=None, out_dir=None) -> Path:
     "A directory of YAML task files for `TaskManager(include_path=...)`, pointing at the pack's jsonl."
     import yaml
     d = Path(data_dir or TASK_DIR)
-    if not all((d/f).exists() for f in ('lt_lastword.jsonl', 'lt_nextline.jsonl')): build_task_pack(d)
+    if not all((d/f'{t}.jsonl').exists() for t in ('lt_lastword', 'lt_nextline', *SHORT)): build_task_pack(d)
     out = Path(out_dir or tempfile.mkdtemp(prefix='latent_thoughts_tasks_'))
     out.mkdir(parents=True, exist_ok=True)
     for name, cfg in task_configs(d).items(): (out/f'{name}.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
