@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_suite.ipynb #c5ac4304
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, math, os, shutil, sys, time, warnings
+import contextlib, fcntl, importlib, hashlib, json, math, os, shutil, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +12,10 @@ import yaml
 from .config import Config, SECTIONS, load_config, config_path, import_methods
 
 # %% auto #0
-__all__ = ['TOP_KEYS', 'FIGURE_KEYS', 'SCALE_KEYS', 'SIZE_KEYS', 'RUN_KEYS', 'STORE_DTYPES', 'EVAL_KINDS', 'SUITE_EXAMPLES',
-           'SuiteError', 'suite_path', 'Run', 'Suite', 'sha256_file', 'weights_sha256', 'store_weights', 'train_cost',
-           'register_eval', 'eval_ppl', 'eval_harness', 'eval_key', 'results', 'load_suite', 'runs', 'config_for',
-           'train', 'status', 'checkpoint', 'metrics', 'evaluate', 'cli']
+__all__ = ['TOP_KEYS', 'FIGURE_KEYS', 'SCALE_KEYS', 'SIZE_KEYS', 'RUN_KEYS', 'STORE_DTYPES', 'EVAL_KINDS', 'LAZY_KINDS',
+           'SUITE_EXAMPLES', 'SuiteError', 'suite_path', 'Run', 'Suite', 'sha256_file', 'weights_sha256',
+           'store_weights', 'train_cost', 'register_eval', 'eval_ppl', 'eval_harness', 'eval_key', 'results',
+           'load_suite', 'runs', 'config_for', 'train', 'status', 'checkpoint', 'metrics', 'evaluate', 'cli']
 
 # %% ../nbs/13_suite.ipynb #efecf4ad
 class SuiteError(ValueError):
@@ -612,6 +612,8 @@ def _weights_hash(d:Path) -> str:
     return _HASHES[key]
 
 # %% ../nbs/13_suite.ipynb #60d33934
+LAZY_KINDS = {'jacobi': 'latent_thoughts.claims', 'test_time': 'latent_thoughts.test_time'}   # kinds registered by later chapters
+
 @_method
 def _evaluate(self:Suite, run, scale:str='micro', kind:str='ppl', # a key of `EVAL_KINDS`
               split:str|None='validation', # data split (ignored by kinds without one, e.g. harness: pass None)
@@ -619,6 +621,7 @@ def _evaluate(self:Suite, run, scale:str='micro', kind:str='ppl', # a key of `EV
               **settings) -> dict:
     "An evaluation of the final model of `run`, from the cache when the weights' hash and settings match; else computed and cached."
     r = self.run(run)
+    if kind not in EVAL_KINDS and kind in LAZY_KINDS: importlib.import_module(LAZY_KINDS[kind])   # registers it
     if kind not in EVAL_KINDS: raise SuiteError(f"unknown evaluation kind {kind!r}; registered: {sorted(EVAL_KINDS)} (add one with register_eval)")
     settings = {**((self.scale(scale).get('eval') or {}).get(kind) or {}), **settings}
     try: model_dir = self.checkpoint(r, scale)
