@@ -74,11 +74,13 @@ def block_mask(allowed:torch.Tensor):
 # %% ../nbs/05_adaptive.ipynb #e28219d3
 class Router(nn.Module):
     "Continuation gate g = sigmoid(r(z)) in (0, 1) of a latent state z."
-    def __init__(self, d_model:int, hidden:int=0, bias:float=0.0):
+    def __init__(self, d_model:int, hidden:int=0, bias:float=0.0,
+                 init_std:float|None=None): # std of the output layer's weights (None: PyTorch's default; 0: zeros)
         super().__init__()
         self.net = nn.Linear(d_model, 1) if hidden == 0 else nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, 1))
         last = self.net if hidden == 0 else self.net[-1]
         nn.init.constant_(last.bias, bias)
+        if init_std is not None: nn.init.normal_(last.weight, 0.0, init_std) if init_std > 0 else nn.init.zeros_(last.weight)
     def forward(self, z): return torch.sigmoid(self.net(z).squeeze(-1))
 
 # %% ../nbs/05_adaptive.ipynb #6e27a08a
@@ -112,6 +114,9 @@ class AdaptiveLatentLM(MethodLM):
                  router:str='learned', # 'learned', or 'none': fixed depth, all mass exits at K_max
                  router_hidden:int=0, # 0: linear router; else hidden width of an MLP router
                  router_bias:float=0.0, # initial bias of the gate's logit
+                 adaptive_beta:float=0.0, # beta: continuing past step k costs p_target^(k) - beta (0: the plain correctness-aware loss)
+                 adaptive_warmup:int=0, # training forward calls over which the adaptive weight ramps from 0 to its value
+                 router_init_std:float|None=None, # std of the router's output weights (None: PyTorch default; 0: g = sigmoid(router_bias))
                  attn_backend:str='sdpa', # 'sdpa' (explicit float mask) or 'flex' (BlockMask; CPU: no backward)
                 ):
         super().__init__(lm)
@@ -119,6 +124,10 @@ class AdaptiveLatentLM(MethodLM):
         for name, v in (('prune_threshold', prune_threshold), ('halt_threshold', halt_threshold)):
             if not 0.0 <= v <= 1.0: raise ValueError(f"{name} must lie in [0, 1] (a reach probability), got {v}")
         if adaptive_weight < 0: raise ValueError(f"adaptive_weight must be >= 0, got {adaptive_weight}")
+        if not 0.0 <= adaptive_beta <= 1.0: raise ValueError(f"adaptive_beta must lie in [0, 1] (a target probability), got {adaptive_beta}")
+        if not (isinstance(adaptive_warmup, int) and adaptive_warmup >= 0):
+            raise ValueError(f"adaptive_warmup must be an int >= 0 (training forward calls), got {adaptive_warmup!r}")
+        if router_init_std is not None and router_init_std < 0: raise ValueError(f"router_init_std must be >= 0 or None, got {router_init_std}")
         if router not in ('learned', 'none'): raise ValueError(f"router must be 'learned' or 'none' (fixed depth), got {router!r}")
         if attn_backend not in ATTN_BACKENDS: raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
         impl = lm.config._attn_implementation
@@ -131,12 +140,23 @@ class AdaptiveLatentLM(MethodLM):
         self.k_max, self.prune_threshold, self.adaptive_weight, self.halt_threshold = k_max, float(prune_threshold), float(adaptive_weight), float(halt_threshold)
         self.router_kind, self.router_hidden, self.router_bias, self.attn_backend = router, router_hidden, float(router_bias), attn_backend
         d = lm.config.hidden_size
-        self.router = Router(d, router_hidden, router_bias).to(device=lm.device, dtype=lm.dtype) if router == 'learned' else None
+        self.adaptive_beta, self.adaptive_warmup = float(adaptive_beta), adaptive_warmup
+        self.router_init_std = None if router_init_std is None else float(router_init_std)
+        self.router = Router(d, router_hidden, router_bias, self.router_init_std).to(device=lm.device, dtype=lm.dtype) if router == 'learned' else None
+        if adaptive_warmup: self.register_buffer('adaptive_calls', torch.zeros((), dtype=torch.long, device=lm.device))
 
     def method_config(self):
-        return dict(k_max=self.k_max, prune_threshold=self.prune_threshold, adaptive_weight=self.adaptive_weight,
-                    halt_threshold=self.halt_threshold, router=self.router_kind, router_hidden=self.router_hidden,
-                    router_bias=self.router_bias, attn_backend=self.attn_backend)
+        cfg = dict(k_max=self.k_max, prune_threshold=self.prune_threshold, adaptive_weight=self.adaptive_weight,
+                   halt_threshold=self.halt_threshold, router=self.router_kind, router_hidden=self.router_hidden,
+                   router_bias=self.router_bias, attn_backend=self.attn_backend)
+        for k, default in (('adaptive_beta', 0.0), ('adaptive_warmup', 0), ('router_init_std', None)):   # only when set:
+            if getattr(self, k) != default: cfg[k] = getattr(self, k)    # configs written before these options are unchanged
+        return cfg
+
+    def adaptive_weight_now(self) -> float:
+        "The adaptive loss weight of the next training call: `adaptive_weight`, ramped over `adaptive_warmup` calls."
+        if not self.adaptive_warmup: return self.adaptive_weight
+        return self.adaptive_weight * min(1.0, int(self.adaptive_calls) / self.adaptive_warmup)
 
     def gate(self, z):
         "Continuation probability of latent states z (None for the fixed-depth model)."
@@ -204,7 +224,7 @@ class AdaptiveLatentLM(MethodLM):
                 with torch.no_grad():
                     ti = tgt.gather(1, idx); ok = ti.ne(-100) & qv
                     lp = _up(self.head(h)).log_softmax(-1).gather(-1, ti.clamp(min=0)[..., None]).squeeze(-1)
-                    p_t = torch.zeros(B, T, dtype=h.dtype, device=dev).scatter(1, idx, (lp.exp() * ok).to(h.dtype))
+                    p_t = torch.zeros(B, T, dtype=h.dtype, device=dev).scatter(1, idx, ((lp.exp() - self.adaptive_beta) * ok).to(h.dtype))
                 adapt = adapt + (p_t * nxt * cont).sum()
             zs.append(z); exits.append(p_exit); reaches.append(reach); executed.append(active)
             gates.append(g if g is not None else (torch.ones_like(reach) if k < K else torch.zeros_like(reach)))
@@ -240,7 +260,9 @@ class AdaptiveLatentLM(MethodLM):
             labels = labels.masked_fill(F.pad(attention_mask[:, :-1].eq(0), (1, 0)), -100)
         ce = shifted_ce(logits, labels, attention_mask) if labels is not None else None
         aux = u.get('adaptive_loss')
-        loss = None if ce is None else (ce + self.adaptive_weight * aux if aux is not None else ce)
+        w = self.adaptive_weight_now()
+        if self.adaptive_warmup and self.training and labels is not None: self.adaptive_calls += 1
+        loss = None if ce is None else (ce + w * aux if aux is not None else ce)
         real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool()
         ex, K = u['executed'], self.k_max
         n_real = int(real.sum()); steps = ex.sum(-1)[real].to(self.dtype)
@@ -252,6 +274,7 @@ class AdaptiveLatentLM(MethodLM):
         for k in range(2, K + 1): metrics[f'pruned_frac_k{k}'] = 1 - ex[..., k - 1][real].float().mean().item()
         if ce is not None: metrics['ce'] = ce.item()
         if aux is not None: metrics['adaptive_loss'] = aux.item()
+        if self.adaptive_warmup: metrics['adaptive_weight'] = w
         pruned = bool((ex | ~real[..., None]).logical_not().any())
         return MethodOutput(loss=loss, logits=logits, latent_states=None if pruned else u['z'], exit_probs=u['exit_probs'],
                             aux_loss=aux, metrics=metrics)

@@ -348,3 +348,82 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r'\(batch, seq\)'): m(ids[0])
     g2 = build_lm('gpt2', d_model=32, n_layer=1, n_head=4, vocab_size=V, max_positions=8)
     with pytest.raises(ValueError, match='out of range'): AdaptiveLatentLM(g2)(ids_(1, 12))
+
+
+# ---- the router study's knobs (issue 15): beta, warm-up of the adaptive loss, router initialisation
+
+def _adaptive_loss_loop(m, ids, thr, beta):
+    "The adaptive loss by plain loops: sum over targets and k < K of (p_target^(k) - beta) * p_reach^(k+1), continued only."
+    tr = m.trace(ids, threshold=thr)
+    B, T = ids.shape
+    tot = 0.0
+    for b in range(B):
+        for t in range(T - 1):
+            for k in range(m.k_max - 1):
+                if not tr['executed'][b, t, k + 1]: continue     # pruned after step k+1's decision: no penalty
+                p = torch.softmax(m.head(tr['z'][b, t, k]), -1)[ids[b, t + 1]].item()
+                tot += (p - beta) * tr['reach'][b, t, k + 1].item()
+    return tot / (B * (T - 1))
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.25, 1.0])
+def test_adaptive_beta_formula_and_direction(beta):
+    m = make('llama', k_max=3, adaptive_beta=beta, adaptive_weight=0.5)
+    ids = ids_()
+    for thr in (0.0, 0.3):
+        o = m(ids, labels=ids, threshold=thr)
+        with torch.no_grad(): ref = _adaptive_loss_loop(m, ids, thr, beta)
+        assert abs(o.aux_loss.item() - ref) < 1e-12
+        assert abs(o.loss.item() - (o.metrics['ce'] + 0.5 * o.aux_loss.item())) < 1e-12
+    # beta = 1: every target probability is below it, so the adaptive loss pushes every gate up (continue);
+    # beta = 0: it pushes them down (halt). Checked on the router bias's gradient (descent moves it against the gradient).
+    m.zero_grad(); m(ids, labels=ids, threshold=0.0).aux_loss.backward()
+    gb = m.router.net.bias.grad.item()
+    if beta == 1.0: assert gb < 0
+    if beta == 0.0: assert gb > 0
+
+
+def test_adaptive_beta_zero_is_the_old_loss():
+    a, b = make('llama', k_max=3), make('llama', k_max=3, adaptive_beta=0.0)
+    ids = ids_()
+    assert a(ids, labels=ids, threshold=0.0).loss.item() == b(ids, labels=ids, threshold=0.0).loss.item()
+
+
+def test_adaptive_warmup_ramps_and_resumes(tmp_path):
+    m = make('gpt_neox', k_max=3, adaptive_weight=0.2, adaptive_warmup=3).train()
+    ids = ids_()
+    seen = []
+    for i in range(5):
+        o = m(ids, labels=ids, threshold=0.0)
+        seen.append(o.metrics['adaptive_weight'])
+        assert abs(o.loss.item() - (o.metrics['ce'] + seen[-1] * o.aux_loss.item())) < 1e-12
+    assert seen == pytest.approx([0.0, 0.2 / 3, 0.4 / 3, 0.2, 0.2])
+    m.eval(); m(ids, labels=ids); m.train(); m(ids)          # evaluation and label-free calls do not count
+    assert int(m.adaptive_calls) == 5
+    m.save_pretrained(tmp_path)
+    m2 = MethodLM.from_pretrained(tmp_path)
+    assert int(m2.adaptive_calls) == 5 and m2.adaptive_weight_now() == pytest.approx(0.2)
+    assert make('llama').adaptive_weight_now() == 0.1 and 'adaptive_calls' not in dict(make('llama').named_buffers())
+
+
+def test_router_init_std_and_config_keys(tmp_path):
+    m = make('llama', k_max=3, router_init_std=0.0, router_bias=-1.0)   # make() scales the weights by 4: still zero
+    ids = ids_()
+    g = m.trace(ids, threshold=0.0)['gates'][..., :2]
+    torch.testing.assert_close(g, torch.full_like(g, torch.sigmoid(torch.tensor(-1.0, dtype=torch.float64)).item()))
+    assert make('llama', router_init_std=0.0, router_hidden=8).router.net[-1].weight.abs().sum() == 0
+    # defaults write exactly the keys they wrote before these options existed; set options round-trip
+    assert list(make('llama').method_config()) == ['k_max', 'prune_threshold', 'adaptive_weight', 'halt_threshold', 'router',
+                                                   'router_hidden', 'router_bias', 'attn_backend']
+    m = make('llama', k_max=3, adaptive_beta=0.3, adaptive_warmup=7, router_init_std=0.01)
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / 'latent_config.json').read_text())
+    assert (cfg['adaptive_beta'], cfg['adaptive_warmup'], cfg['router_init_std']) == (0.3, 7, 0.01)
+    assert MethodLM.from_pretrained(tmp_path).method_config() == m.method_config()
+
+
+def test_router_study_knobs_bad_inputs():
+    lm = build_lm('llama', d_model=32, n_layer=1, n_head=4, vocab_size=V)
+    with pytest.raises(ValueError, match='adaptive_beta'): AdaptiveLatentLM(lm, adaptive_beta=-0.1)
+    with pytest.raises(ValueError, match='adaptive_warmup'): AdaptiveLatentLM(lm, adaptive_warmup=2.5)
+    with pytest.raises(ValueError, match='router_init_std'): AdaptiveLatentLM(lm, router_init_std=-1.0)
