@@ -208,10 +208,10 @@ CLAIMS = [
           _pair('latent-cpt', 'vanilla-cpt')),
     Claim('adaptive-flops', 'adaptive',
           "Our method consistently achieves the lowest perplexity across all datasets while using fewer training FLOPs",
-          'Fig. 5 caption (summary)', 'adaptive below PonderLM-2 (latent thoughts) with fewer FLOPs (7.47e20 vs 17.47e20 at 1.4B)',
+          'Fig. 5 caption (summary); FLOPs 7.47e20/17.47e20: issue 15, not in the summary text', 'adaptive below PonderLM-2 (latent thoughts) with fewer FLOPs (7.47e20 vs 17.47e20 at 1.4B)',
           ('adaptive-K3', 'latent-llama-L'), _cheaper_and_better('adaptive-K3', 'latent-llama-L')),
     Claim('router-ablation', 'adaptive', "linear ≈ MLP ≈ no adaptivity (router ablation)",
-          'router ablation at 70M (summary)', 'loss 2.670 / 2.675 / 2.671',
+          'router ablation at 70M (issue 15; not in the summary text)', 'loss 2.670 / 2.675 / 2.671',
           ('adaptive-K3', 'adaptive-K3-mlp', 'adaptive-K3-fixed'), _all_within(('adaptive-K3', 'adaptive-K3-mlp', 'adaptive-K3-fixed'))),
 ]
 
