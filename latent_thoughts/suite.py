@@ -428,6 +428,11 @@ def _barrier():
         if dist.is_available() and dist.is_initialized(): dist.barrier()
     except Exception: pass
 
+def _init_hash(cfg) -> str|None:
+    "Weights hash of the local model a run continued (`model.init_from`); None for a fresh model or a hub id."
+    p = Path(cfg.model.init_from) if cfg.model.init_from else None
+    return weights_sha256(p) if p is not None and (p/'config.json').exists() else None
+
 @_method
 def _publish(self:Suite, run, scale:str='micro') -> dict:
     "Publish the finished run: the final model in the scale's `store_dtype`, its hash, run.json, metrics (and model/)."
@@ -454,7 +459,7 @@ def _publish(self:Suite, run, scale:str='micro') -> dict:
     except Exception as e: fpt = None; warnings.warn(f"{r.name}: no FLOPs from the ledger ({e})")
     tokens = train[-1]['tokens'] if train else None
     man = dict(run=r.name, scale=scale, method=r.method, method_args=r.method_args, size=r.size, seed=r.seed,
-               figures=r.figures, init_from=r.init_source(scale), note=r.note,
+               figures=r.figures, init_from=r.init_source(scale), init_weights_sha256=_init_hash(cfg), note=r.note,
                steps=cfg.train.steps, tokens=tokens, params=sum(p.numel() for p in model.parameters()),
                train_flops_per_token=fpt, train_flops=(train[-1].get('flops') if train else None) or
                    (fpt * tokens if fpt and tokens else None),
