@@ -140,7 +140,7 @@ def _residual_spike(fixed:str, random_k:str, K:int=2, iters:int=6):
         try: rf, rr = (suite.evaluate(r, scale, 'jacobi', 'validation', iters=iters)['residual'] for r in (fixed, random_k))
         except SuiteError as e: return f"no residuals ({e})", 'not measured'
         spike, smooth = rf[K] > rf[K - 1], all(b < a for a, b in zip(rr, rr[1:]))
-        v = 'holds' if spike and smooth else 'fails' if not spike and not smooth else 'partly'
+        v = 'holds' if spike and smooth else 'fails' if not spike else 'partly'   # the quoted claim is the spike
         return (f"fixed K={K}: r_{K}={rf[K - 1]:.2e} → r_{K + 1}={rf[K]:.2e}; random: "
                 + ' → '.join(f"{x:.1e}" for x in rr), v)
     return m
