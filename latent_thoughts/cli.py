@@ -205,9 +205,11 @@ EXAMPLES = """examples:
   latent-thoughts suite list --scale micro                  # the runs behind every figure (suite.yaml)
   latent-thoughts suite train --figure fig08 --scale micro  # train what a figure needs (resumable)
   accelerate launch -m latent_thoughts.cli train --config configs/pythia-410m-latent.yaml   # several GPUs
+  torchrun --nproc_per_node 8 -m latent_thoughts.cli train --config configs/llama3-3b-cpt-latent.yaml   # sharded (FSDP)
+  latent-thoughts flops --memory --config configs/llama3-3b-cpt-latent.yaml --devices 8   # memory per GPU
 """
 
-PASSTHROUGH = {'harness': 'lm-evaluation-harness tasks on a checkpoint', 'flops': 'FLOPs accounting of the methods',
+PASSTHROUGH = {'harness': 'lm-evaluation-harness tasks on a checkpoint', 'flops': 'FLOPs accounting of the methods; --memory: memory per GPU of a run',
                'suite': 'the reproduction suite: list, status, train, eval the runs behind every figure'}
 
 def build_parser() -> argparse.ArgumentParser:

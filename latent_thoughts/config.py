@@ -75,6 +75,10 @@ class TrainConfig:
     max_bad_steps:int = 5            # consecutive non-finite losses that stop the run
     min_free_gb:float = 0.5          # free disk required beyond the checkpoints' own size
     progress:bool = True             # show a tqdm bar
+    parallel:str = 'ddp'             # several processes: ddp (replicate the model) | fsdp (shard parameters, gradients and AdamW state: torch FSDP2 through accelerate)
+    fsdp_sharding:str = 'full'       # fsdp: full (shard over every process) | hybrid (shard within groups of fsdp_shard_size processes, replicate across groups)
+    fsdp_shard_size:int = 0          # fsdp hybrid: processes per shard group (0: the processes of one node, LOCAL_WORLD_SIZE)
+    activation_checkpointing:bool = False  # recompute each transformer block in the backward pass (keeps only its input); any parallel mode
 
 SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig}
 

@@ -12,7 +12,9 @@ from transformers.pytorch_utils import Conv1D
 from .core import PRESETS, DOUBLE_PARAMS, hf_config, preset_shape, MethodLM
 
 # %% auto #0
-__all__ = ['LEDGER', 'as_config', 'model_counts', 'flops_per_token', 'train_flops_per_token', 'table_rows', 'cli']
+__all__ = ['LEDGER', 'GiB', 'HUB_SHAPES', 'PRECISIONS', 'as_config', 'model_counts', 'flops_per_token', 'train_flops_per_token',
+           'block_shape', 'block_activation_bytes', 'activation_bytes', 'measure_activation_bytes', 'memory_per_device',
+           'config_shape', 'config_memory', 'memory_lines', 'table_rows', 'cli']
 
 # %% ../nbs/07_flops.ipynb #814bc1a3
 _COUNTS: dict = {}
@@ -65,7 +67,7 @@ _NEUTRAL = {  # constructor arguments that do not change the cost
     'vanilla': set(), 'pause': {'position_mode', 'distinct_pauses'}, 'looped': {'feedback'},
     'pondering': {'accumulate', 'scale_by_steps'},   # additions and elementwise products: not counted
     'latent': {'eval_iters', 'position_mode', 'prefill_tol', 'prefill_max_iters'},
-    'adaptive': {'halt_threshold', 'router_bias', 'attn_backend', 'prune_threshold'},
+    'adaptive': {'halt_threshold', 'router_bias', 'attn_backend', 'prune_threshold', 'adaptive_beta', 'adaptive_warmup', 'router_init_std'},
 }
 
 def _vanilla(c, T, att):
@@ -172,6 +174,191 @@ def train_flops_per_token(model:MethodLM, # a live MethodLM
     args = _method_args(method, {**model.method_config(), **overrides}, strict=False)
     return flops_per_token(method, model.lm.config, seq_len=seq_len, **args)['training_flops_per_token']
 
+# %% ../nbs/07_flops.ipynb #a716a537
+GiB = 2**30
+# hf_config arguments of hub models the configs name, so the ledger sizes them without hub access
+# (transcribed from each model's config.json on the hub)
+HUB_SHAPES = {
+    'meta-llama/Llama-3.2-3B': dict(arch='llama', vocab_size=128256, d_model=3072, n_layer=28, n_head=24, d_ff=8192,
+                                    num_key_value_heads=8, head_dim=128, max_positions=131072, tie_word_embeddings=True),
+}
+
+def block_shape(preset_or_config) -> dict:
+    "The shape the activation ledger reads: family, width, depth, heads, KV heads, MLP width, vocabulary, rotary width."
+    cfg = as_config(preset_or_config)
+    arch = cfg.model_type
+    if arch not in ('llama', 'gpt_neox', 'gpt2'):
+        raise ValueError(f"the memory ledger counts the blocks of llama, gpt_neox and gpt2 models, not {arch!r}")
+    d, H = cfg.hidden_size, cfg.num_attention_heads
+    hd = getattr(cfg, 'head_dim', None) or d // H
+    return dict(arch=arch, d=d, L=cfg.num_hidden_layers, H=H, hd=hd, Hkv=getattr(cfg, 'num_key_value_heads', None) or H,
+                dff=getattr(cfg, 'intermediate_size', None) or getattr(cfg, 'n_inner', None) or 4 * d, V=cfg.vocab_size,
+                rot=0 if arch == 'gpt2' else int(hd * getattr(cfg, 'rotary_pct', 1.0)),
+                parallel_residual=bool(getattr(cfg, 'use_parallel_residual', False)),
+                act=getattr(cfg, 'activation_function', None) or getattr(cfg, 'hidden_act', None))
+
+def block_activation_bytes(b:dict, s:int=2) -> int:
+    "Bytes one transformer block keeps for its backward per stream entry, computing in `s`-byte floats (2: bf16, 4: fp32)."
+    d, H, hd, Hkv, dff, f = b['d'], b['H'], b['hd'], b['Hkv'], b['dff'], 4
+    da = H * hd
+    if b['arch'] == 'llama':   # 2 RMSNorms (fp32 input and statistic inside), q k v, fp32 log-sum-exp, output, SwiGLU
+        return 2 * (f * d + f + 2 * s * d) + s * (H + 2 * Hkv) * hd + f * H + s * da + 4 * s * dff
+    if b['arch'] == 'gpt_neox':   # input, 2 LayerNorms, rotated q k, fused qkv, lse, output, dense input, GELU MLP
+        return s * (3 * d + 7 * da) + 16 + f * H + 2 * s * dff + (0 if b['parallel_residual'] else s * d)
+    return s * (4 * d + 4 * da) + 16 + f * H + (5 if b['act'] == 'gelu_new' else 2) * s * dff   # gpt2 (python gelu_new: 5 tensors)
+
+def _pass_bytes(b, s) -> int:
+    "Per entry and pass outside the blocks: the final norm (its output is not kept) and the rotary tables or position ids."
+    d = b['d']
+    norm = 4 * d + 4 + s * d if b['arch'] == 'llama' else s * d + 8
+    return norm + (8 if b['arch'] == 'gpt2' else 2 * s * b['rot'])
+
+def _plan(method, b, T, s, args) -> dict:
+    "The passes that take gradients: (stream entries, blocks run) each; entries through the final norm; bytes of the method's own tensors."
+    L, d, V = b['L'], b['d'], b['V']
+    if method == 'vanilla' or (method == 'latent' and args.get('n_thoughts', 1) == 0): return dict(passes=[(T, L)], norm=T, own=0)
+    if method == 'latent':
+        N, ks = args.get('n_thoughts', 1), args.get('train_iters', (2, 3, 4))
+        K = max([ks] if isinstance(ks, int) else ks)
+        first = [T] + ([(k + 1) * T for k in range(1, N)] if args.get('thought_init', 'grow') == 'grow' else [])
+        ps = [(n, L) for n in first + [(N + 1) * T] * (K + 1)]
+        if args.get('grad_mode', 'all') == 'last': ps = ps[-1:]
+        return dict(passes=ps, norm=sum(n for n, _ in ps), own=0)
+    if method == 'pause': return dict(passes=[((args.get('n_pause', 1) + 1) * T, L)], norm=(args.get('n_pause', 1) + 1) * T, own=0)
+    if method == 'looped': return dict(passes=[(T, L)] * args.get('n_loops', 2), norm=T, own=0)
+    if method == 'pondering':
+        P = args.get('n_ponder', 1)   # per pondering step: head input, fp32 softmax, its cast for the product with W_E
+        return dict(passes=[(T, L)] * (P + 1), norm=(P + 1) * T, own=P * T * (s * d + 4 * V + (s * V if s < 4 else 0)))
+    if method == 'adaptive':
+        K, kv = args.get('k_max', 4), 2 * s * b['Hkv'] * b['hd']
+        cache = L * kv * T * sum(k - 1 for k in range(1, K + 1))   # step k attends over the k·T cached keys/values
+        mask = s * T * T * sum(range(1, K + 1))                    # additive 2-D mask of each step
+        return dict(passes=[(T, L)] * K, norm=K * T, own=cache + mask)
+    if method == 'mor':
+        from latent_thoughts.mor import default_capacity
+        N, sharing = args.get('n_recursions', 3), args.get('sharing', 'middle_cycle')
+        fr = list(args.get('capacity') or default_capacity(N)) if args.get('routing', 'expert') == 'expert' else [1.0] * N
+        n_blk = L - 2 if sharing == 'middle_cycle' else L
+        ps = ([(T, L - n_blk)] if n_blk < L else []) + [(int(round(x * T)), n_blk) for x in fr if x > 0]
+        return dict(passes=ps, norm=T, own=sum(2 * s * d * x * T for x in fr))   # gathered and scattered states per recursion
+    raise ValueError(f"the memory ledger does not know method {method!r}; known: vanilla, latent, pause, looped, pondering, adaptive, mor")
+
+def activation_bytes(method:str, # a method name
+                     preset_or_config, # preset name, shape dict, HF config or model
+                     seq_len:int=2048, # tokens per sequence
+                     dtype_bytes:int=2, # compute precision: 2 (bf16/fp16 mixed precision), 4 (fp32)
+                     activation_checkpointing:bool=False, # blocks keep their input only and are recomputed one at a time
+                     **method_args) -> dict:
+    "Bytes one training sequence keeps for its backward pass: in the blocks, outside them, and the transient of a recomputed block."
+    b, s, T = block_shape(preset_or_config), dtype_bytes, seq_len
+    if activation_checkpointing and method == 'adaptive':
+        raise ValueError("the adaptive model cannot use activation checkpointing (its training passes write a KV cache)")
+    p = _plan(method, b, T, s, method_args)
+    per_block = block_activation_bytes(b, s)
+    blocks = sum(n * layers for n, layers in p['passes']) * (s * b['d'] if activation_checkpointing else per_block)
+    outside = (_pass_bytes(b, s) * sum(n for n, _ in p['passes']) - (_pass_bytes(b, s) - (8 if b['arch'] == 'gpt2' else 2 * s * b['rot'])) *
+               (sum(n for n, _ in p['passes']) - p['norm']))   # every pass has its rotary tables; the final norm runs p['norm'] entries
+    outside += s * b['d'] * T + 4 * b['V'] * (T - 1) + 8 * (T - 1) + 8 * T + p['own']   # head input, fp32 log-softmax, targets, token ids
+    recompute = per_block * max(n for n, _ in p['passes']) if activation_checkpointing else 0
+    return dict(blocks=blocks, outside=outside, total=blocks + outside, recompute=recompute,
+                entries=sum(n * layers for n, layers in p['passes']) / b['L'])
+
+# %% ../nbs/07_flops.ipynb #afbc5943
+def measure_activation_bytes(model, input_ids, autocast_dtype=None) -> int:
+    "Bytes a training forward of `model` on `input_ids` leaves alive for its backward (storages created in the forward, no parameters)."
+    import gc
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.multiprocessing.reductions import StorageWeakRef
+    class Created(TorchDispatchMode):
+        def __init__(self): super().__init__(); self.made = []
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage(); self.made.append((StorageWeakRef(st), st.nbytes(), st.data_ptr()))
+            return out
+    was = model.training; model.train(); gc.collect()
+    ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(input_ids.device.type, enabled=False)
+    with Created() as c, ctx: loss = model(input_ids, labels=input_ids).loss
+    gc.collect()
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {loss.untyped_storage().data_ptr()}
+    alive = {ptr: n for ref, n, ptr in c.made if not ref.expired() and ptr not in skip}   # one entry per live storage
+    del loss; model.train(was)
+    return sum(alive.values())
+
+# %% ../nbs/07_flops.ipynb #f3eed8e9
+def _block_params(cfg) -> int:
+    "Parameters of one decoder block (counted on the meta device)."
+    with torch.device('meta'): lm = AutoModelForCausalLM.from_config(cfg)
+    base = lm.base_model
+    layers = getattr(base, 'layers', None) or getattr(base, 'h', None)
+    return sum(p.numel() for p in layers[0].parameters())
+
+PRECISIONS = {'bf16': 2, 'fp16': 2, 'no': 4, 'fp32': 4}
+
+def memory_per_device(method:str, # a method name
+                      preset_or_config, # preset name, shape dict, HF config or model
+                      seq_len:int=2048, # tokens per sequence
+                      micro_batch:int=1, # sequences per device per micro-step (`data.batch_size`)
+                      devices:int=8, # processes (GPUs) in the run
+                      parallel:str='fsdp', # fsdp | ddp (`train.parallel`)
+                      sharding:str='full', # full | hybrid (`train.fsdp_sharding`)
+                      shard_size:int=8, # hybrid: processes per shard group (`train.fsdp_shard_size`, e.g. GPUs per node)
+                      mixed_precision:str='bf16', # bf16 | fp16 | no
+                      activation_checkpointing:bool=False,
+                      **method_args) -> dict:
+    "Bytes per device: sharded states, gathered weights, activations, logits, recompute transient, and their total."
+    if parallel not in ('fsdp', 'ddp'): raise ValueError(f"parallel must be fsdp or ddp, got {parallel!r}")
+    if mixed_precision not in PRECISIONS: raise ValueError(f"mixed_precision must be one of {sorted(PRECISIONS)}, got {mixed_precision!r}")
+    cfg, s = as_config(preset_or_config), PRECISIONS[mixed_precision]
+    P = flops_per_token(method, cfg, seq_len=seq_len, **method_args)['params']
+    L, blk = cfg.num_hidden_layers, _block_params(cfg)
+    root = P - L * blk
+    n = 1 if parallel == 'ddp' or devices == 1 else (shard_size if sharding == 'hybrid' else devices)
+    if parallel == 'fsdp' and sharding == 'hybrid' and (devices % shard_size or shard_size < 2):
+        raise ValueError(f"hybrid sharding needs a shard group size (now {shard_size}) >= 2 that divides the {devices} devices")
+    r = dict(params=4 * P / n, grads=4 * P / n, optimizer=8 * P / n)
+    if parallel == 'ddp': r['gathered'] = 4 * P + (s * P if s < 4 else 0)   # gradient buckets, autocast's low-precision weight copies
+    else: r['gathered'] = (2 * s + 4) * root + (3 * s + 4) * blk if n > 1 else 0.   # root + its gradient; 2 blocks + 1 block's gradient
+    a = activation_bytes(method, cfg, seq_len, s, activation_checkpointing, **method_args)
+    r.update(activations=micro_batch * a['total'], logits=micro_batch * seq_len * cfg.vocab_size * s, recompute=micro_batch * a['recompute'])
+    r['total'] = sum(r.values())
+    return dict(r, n_params=P, shard=n, activations_per_sequence=a['total'])
+
+# %% ../nbs/07_flops.ipynb #3579cfd9
+def config_shape(model_cfg):
+    "The HF config of a run's `ModelConfig`: its preset and overrides, or `init_from` (a hub id of `HUB_SHAPES` or a local directory)."
+    if model_cfg.init_from:
+        if model_cfg.init_from in HUB_SHAPES: return hf_config(**HUB_SHAPES[model_cfg.init_from])
+        from pathlib import Path
+        if (Path(model_cfg.init_from)/'config.json').exists():
+            from transformers import AutoConfig
+            return AutoConfig.from_pretrained(model_cfg.init_from)
+        raise ValueError(f"cannot size model.init_from={model_cfg.init_from!r} offline: add its shape to flops.HUB_SHAPES "
+                         "or pass a local directory with its config.json")
+    from latent_thoughts.config import model_shape
+    return hf_config(**model_shape(model_cfg))
+
+def config_memory(cfg, # a `Config` or a YAML path
+                  devices:int=8) -> dict:
+    "`memory_per_device` for a run's config on `devices` processes (hybrid sharding with `fsdp_shard_size=0`: groups of 8, one node)."
+    from latent_thoughts.config import Config, load_config
+    if not isinstance(cfg, Config): cfg = load_config(cfg)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    mp = 'bf16' if t.mixed_precision == 'auto' else t.mixed_precision
+    shard = t.fsdp_shard_size or min(devices, 8)
+    return memory_per_device(m.method, config_shape(m), d.block_size, d.batch_size, devices, t.parallel, t.fsdp_sharding, shard,
+                             mp, t.activation_checkpointing, **m.method_args)
+
+def memory_lines(r:dict) -> list[str]:
+    "A per-device memory ledger as text lines (GiB)."
+    rows = [('parameters: fp32 masters', 'params'), ('gradients: fp32', 'grads'), ('AdamW state: 2 x fp32', 'optimizer'),
+            ('gathered weights and gradients', 'gathered'), ('activations kept for backward', 'activations'),
+            ('logits held until backward', 'logits'), ('recompute of one block', 'recompute')]
+    out = [f"{name:34s} {r[k] / GiB:8.2f} GiB" for name, k in rows]
+    return out + [f"{'total (no CUDA context, workspaces)':34s} {r['total'] / GiB:8.2f} GiB"]
+
 # %% ../nbs/07_flops.ipynb #0d7718d2
 def _import_mor() -> bool:
     "Register the `mor` ledger entry if its module is installed (it lives in a later chapter)."
@@ -202,7 +389,11 @@ def cli(argv:list|None=None):
     p.add_argument('--seq-len', type=int, default=2048, help='tokens per sequence')
     p.add_argument('--attention', default='causal', choices=['causal', 'dense'], help='keys per query: causal mean or all')
     p.add_argument('--json', action='store_true', help='print JSON rows instead of a table')
+    p.add_argument('--memory', action='store_true', help="print a run's memory per device (needs --config) instead of the FLOPs table")
+    p.add_argument('--config', default=None, help='--memory: a run config (YAML path or a name in configs/)')
+    p.add_argument('--devices', type=int, default=8, help='--memory: processes (GPUs) of the run (default: %(default)s)')
     a = p.parse_args(argv)
+    if a.memory: return _memory_cli(p, a)
     if a.preset not in PRESETS: p.error(f"unknown preset {a.preset!r}; known presets: {', '.join(PRESETS)}")
     rows = table_rows(a.preset, a.seq_len, a.attention)
     if a.json: print(json.dumps(rows, indent=1)); return
@@ -212,3 +403,17 @@ def cli(argv:list|None=None):
     for r in rows:
         print(f"{r['name']:38s} {r['params']/1e6:7.1f}M {r['inference_flops_per_token']/1e9:10.4g} {r['inference_ratio']:6.2f} "
               f"{r['paper_inference_ratio']:6.2f} {r['training_flops_per_token']/1e9:12.4g} {r['training_ratio']:8.2f} {r['paper_training_ratio']:6.2f}")
+
+
+def _memory_cli(p, a):
+    if not a.config: p.error("--memory needs --config, e.g. --config configs/llama3-3b-cpt-latent.yaml")
+    from latent_thoughts.config import config_path, load_config
+    cfg = load_config(config_path(a.config))
+    r = config_memory(cfg, a.devices)
+    if a.json: print(json.dumps(r, indent=1)); return
+    m, d, t = cfg.model, cfg.data, cfg.train
+    how = f"fsdp {t.fsdp_sharding} sharding (groups of {r['shard']})" if t.parallel == 'fsdp' else 'ddp'
+    print(f"Memory per device, {a.config}: {m.init_from or m.preset} ({r['n_params']/1e9:.2f}B parameters), {m.method} "
+          f"{json.dumps(m.method_args)}, {d.block_size} tokens x micro-batch {d.batch_size}, {how} over {a.devices} devices, "
+          f"{t.mixed_precision}, activation checkpointing {'on' if t.activation_checkpointing else 'off'}")
+    print('\n'.join(memory_lines(r)))

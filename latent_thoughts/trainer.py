@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_trainer.ipynb #9490d636
 from __future__ import annotations
-import json, math, os, random, shutil, sys, time, warnings, importlib
+import copy, json, math, os, random, shutil, sys, time, warnings, importlib
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,11 @@ from .config import Config, load_config, build_model, import_methods
 from .attention import check_backend
 
 # %% auto #0
-__all__ = ['CKPT_FILES', 'LEDGER_METRICS', 'lr_at', 'make_optimizer', 'make_scheduler', 'streams', 'load_data', 'make_loader',
-           'batch_ids', 'evaluate', 'latest_checkpoint', 'publish_checkpoint', 'preflight', 'NonFiniteLossError',
-           'make_accelerator', 'seed_all', 'compile_base', 'Trainer', 'train']
+__all__ = ['CKPT_FILES', 'PARALLEL_MODES', 'FSDP_SHARDINGS', 'NO_ACTIVATION_CHECKPOINTING', 'LEDGER_METRICS', 'lr_at',
+           'make_optimizer', 'make_scheduler', 'streams', 'load_data', 'make_loader', 'batch_ids', 'evaluate',
+           'latest_checkpoint', 'publish_checkpoint', 'preflight', 'fsdp_shard_size', 'check_parallel', 'fsdp_plugin',
+           'is_sharded', 'enable_activation_checkpointing', 'NonFiniteLossError', 'make_accelerator', 'seed_all',
+           'compile_base', 'Trainer', 'train']
 
 # %% ../nbs/04_trainer.ipynb #07016a40
 def lr_at(i:int, t) -> float:
@@ -126,7 +128,9 @@ def _fsync_tree(d:Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
-def _complete(d:Path) -> bool: return d.is_dir() and all((d/f).exists() for f in CKPT_FILES)
+def _complete(d:Path) -> bool:
+    sharded = d/'optimizer'   # fsdp: the AdamW state sharded per process; its `.metadata` is written last
+    return d.is_dir() and all((d/f).exists() for f in CKPT_FILES) and (not sharded.exists() or (sharded/'.metadata').exists())
 
 def latest_checkpoint(out_dir) -> Path|None:
     "The newest complete checkpoint under `out_dir/checkpoints` (via the `latest` pointer), or None."
@@ -173,6 +177,78 @@ def preflight(out_dir, model, t):
                            "free space, lower train.keep_last or point train.out_dir at a larger disk")
     return need
 
+# %% ../nbs/04_trainer.ipynb #f5d3293d
+PARALLEL_MODES, FSDP_SHARDINGS = ('ddp', 'fsdp'), ('full', 'hybrid')
+# methods whose training forward cannot be recomputed block by block, and why
+NO_ACTIVATION_CHECKPOINTING = {'adaptive': "its training passes append each latent step's keys and values to a KV cache, "
+                                           "which a recomputed block would append to a second time"}
+
+def fsdp_shard_size(t, world_size:int) -> int:
+    "Processes per FSDP shard group: all of them (`full`), or `fsdp_shard_size` / one node's (`hybrid`)."
+    if t.fsdp_sharding != 'hybrid': return world_size
+    return t.fsdp_shard_size or int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+
+def check_parallel(cfg:Config, world_size:int|None=None):
+    "Raise, naming the fix, if the run's `train.parallel`/`fsdp_*`/`activation_checkpointing` cannot run."
+    t, ws = cfg.train, world_size or int(os.environ.get('WORLD_SIZE', '1'))
+    if t.parallel not in PARALLEL_MODES: raise ValueError(f"train.parallel must be one of {PARALLEL_MODES}, got {t.parallel!r}")
+    if t.fsdp_sharding not in FSDP_SHARDINGS:
+        raise ValueError(f"train.fsdp_sharding must be one of {FSDP_SHARDINGS}, got {t.fsdp_sharding!r}")
+    if t.fsdp_shard_size < 0: raise ValueError(f"train.fsdp_shard_size must be >= 0 (0: one node), got {t.fsdp_shard_size}")
+    if t.parallel == 'fsdp' and ws > 1 and t.fsdp_sharding == 'hybrid':
+        s = fsdp_shard_size(t, ws)
+        if s < 2 or ws % s:
+            raise ValueError(f"train.fsdp_sharding=hybrid shards over groups of {s} processes and replicates across groups: the "
+                             f"group size must divide the {ws} processes and be >= 2; set train.fsdp_shard_size (e.g. the GPUs "
+                             "of one node), or use train.parallel=ddp to replicate everything")
+    if t.activation_checkpointing and cfg.model.method in NO_ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing cannot recompute model.method={cfg.model.method}: "
+                         f"{NO_ACTIVATION_CHECKPOINTING[cfg.model.method]}; set train.activation_checkpointing=false "
+                         "(train.parallel=fsdp over more processes also lowers the memory per process)")
+    return cfg
+
+def fsdp_plugin(t, world_size:int, mixed_precision:str='no'):
+    "accelerate's FSDP2 plugin for `TrainConfig` `t` (blocks compute in bf16/fp16, gradients reduce in fp32) and, for hybrid sharding, its `ParallelismConfig`."
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    low = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(mixed_precision)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, auto_wrap_policy='transformer_based_wrap',
+                                            mixed_precision_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32))
+    if t.fsdp_sharding != 'hybrid': return plugin, None
+    from accelerate.parallelism_config import ParallelismConfig
+    s = fsdp_shard_size(t, world_size)
+    return plugin, ParallelismConfig(dp_replicate_size=world_size // s, dp_shard_size=s)
+
+def _fsdp_on_cpu(acc, plugin, pc):
+    "accelerate enables FSDP on accelerators only: on CPU processes (gloo) set its state as the plugin would."
+    from accelerate.utils import DistributedType
+    st = acc.state
+    st.distributed_type, st.fsdp_plugin = DistributedType.FSDP, plugin
+    if pc is not None: st.parallelism_config, st.device_mesh = pc, pc.get_device_mesh('cpu')
+
+def is_sharded(acc) -> bool:
+    "Whether `acc` trains with FSDP (parameters, gradients and optimizer state sharded)."
+    from accelerate.utils import DistributedType
+    return acc.distributed_type == DistributedType.FSDP
+
+def enable_activation_checkpointing(model):
+    "Recompute every transformer block of `model`'s HF base in the backward pass (non-reentrant HF gradient checkpointing)."
+    lm = getattr(model, 'lm', model)
+    if not getattr(lm, 'supports_gradient_checkpointing', False):
+        raise ValueError(f"{type(lm).__name__} does not support gradient checkpointing: set train.activation_checkpointing=false")
+    kw = {'use_reentrant': False}
+    if hasattr(lm, 'activation_checkpointing_enable'): lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else: lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)   # transformers < 5 names it so
+    return model
+
+def _meta_twin(model):
+    "A copy of `model` with every parameter and buffer on the meta device (no memory): a shell to save a gathered state dict from."
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        e = torch.empty_like(t, device='meta')
+        memo[id(t)] = torch.nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else e
+    return copy.deepcopy(model, memo)
+
 # %% ../nbs/04_trainer.ipynb #4492e225
 class NonFiniteLossError(RuntimeError):
     "Raised when `max_bad_steps` consecutive steps had a non-finite loss or gradient."
@@ -185,6 +261,7 @@ def make_accelerator(t, out_dir):
     "An `Accelerator` for `TrainConfig` `t` (a fresh one when running in a single process)."
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradientAccumulationPlugin
     if int(os.environ.get('WORLD_SIZE', '1')) == 1:  # one process: several trainers in a row may differ in settings
         AcceleratorState._reset_state(True); GradientState._reset_state()
     trackers = []
@@ -195,8 +272,16 @@ def make_accelerator(t, out_dir):
     # several processes and no GPU/XPU: accelerate runs DDP on CPUs (gloo) only when told cpu=True
     ws = int(os.environ.get('WORLD_SIZE', '1'))
     cpu = ws > 1 and not (hasattr(torch, 'accelerator') and torch.accelerator.is_available())
-    return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=_mixed_precision(t.mixed_precision),
-                       log_with=trackers or None, project_dir=str(out_dir), cpu=cpu)
+    mp = _mixed_precision(t.mixed_precision)
+    plugin, pc = fsdp_plugin(t, ws, mp) if t.parallel == 'fsdp' and ws > 1 else (None, None)
+    # fsdp: reduce-scatter after every micro-batch and accumulate sharded gradients (accelerate's default, no_sync, would
+    # hold every block's gradient unsharded until the last micro-batch: the whole model's gradients on every process)
+    accum = dict(gradient_accumulation_steps=t.grad_accum) if plugin is None else \
+        dict(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_each_batch=True))
+    acc = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=str(out_dir), cpu=cpu, **accum,
+                      **({} if plugin is None or cpu else dict(fsdp_plugin=plugin, parallelism_config=pc)))
+    if plugin is not None and cpu: _fsdp_on_cpu(acc, plugin, pc)
+    return acc
 
 def _rng_state():
     s = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
@@ -251,7 +336,9 @@ class Trainer:
 
     def _setup(self, resume:bool):
         cfg, t = self.cfg, self.cfg.train
+        check_parallel(cfg)
         self.acc = acc = make_accelerator(t, self.out_dir)
+        self.sharded = is_sharded(acc)
         check_backend(cfg.model.attn_implementation, acc.device)   # before any data or weights are loaded
         seed_all(t.seed)
         if self.train_blocks is None:
@@ -260,6 +347,8 @@ class Trainer:
             vocab = len(self.tokenizer) if self.tokenizer is not None else None
             self.model = build_model(cfg.model, vocab, seed=t.seed, device=acc.device)
         if hasattr(self.model, 'train_block_size'): self.model.train_block_size = cfg.data.block_size  # saved: evaluation's default window
+        if t.activation_checkpointing: enable_activation_checkpointing(self.model)
+        if self.sharded: self._twin = _meta_twin(self.model) if acc.is_main_process else None   # rank 0 saves the gathered weights from it
         if t.compile: compile_base(self.model)
         if acc.is_main_process:
             preflight(self.out_dir, self.model, t)
@@ -270,6 +359,7 @@ class Trainer:
             raise FileExistsError(f"{self.out_dir} already holds checkpoint {ckpt.name}: pass --resume (resume=True) to "
                                   "continue it, or set train.out_dir to a new directory")
         if ckpt is not None: self._check_same_model(ckpt)
+        if self.sharded: self._before_sharding(ckpt)
         self.opt = make_optimizer(self.model, t)
         self.sched = make_scheduler(self.opt, t)
         self.pmodel, self.opt = acc.prepare(self.model, self.opt)
@@ -317,15 +407,19 @@ class Trainer:
         "Write a checkpoint of the current state atomically; return its directory."
         acc, root = self.acc, self.out_dir/'checkpoints'
         tmp = root/f'.tmp-step_{self.step:08d}'
+        full = self._gather_weights() if self.sharded else None   # every process takes part; rank 0 receives them
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-            acc.unwrap_model(self.pmodel).save_pretrained(tmp/'model', tokenizer=self.tokenizer)
-            torch.save({'optimizer': self.opt.state_dict(), 'scheduler': self.sched.state_dict(), 'step': self.step,
+            if self.sharded: self._save_gathered(full, tmp/'model')
+            else: acc.unwrap_model(self.pmodel).save_pretrained(tmp/'model', tokenizer=self.tokenizer)
+            del full
+            torch.save({'optimizer': None if self.sharded else self.opt.state_dict(), 'scheduler': self.sched.state_dict(), 'step': self.step,
                         'skipped': self.skipped, 'bad_run': self.bad_run, 'tokens': self.tokens, 'flops': self.flops,
                         'world_size': acc.num_processes, 'scaler': acc.scaler.state_dict() if acc.scaler is not None else None},
                        tmp/'trainer_state.pt')
             self.cfg.save(tmp/'config.yaml')
         acc.wait_for_everyone()
+        if self.sharded: self._save_sharded_optimizer(tmp/'optimizer')
         torch.save({**_rng_state(), 'loader': self.loader.state_dict()}, tmp/f'rng_{acc.process_index}.pt')
         acc.wait_for_everyone()
         dst = root/tmp.name.removeprefix('.tmp-')
@@ -335,18 +429,65 @@ class Trainer:
 
     def _load(self, ckpt:Path):
         acc = self.acc
-        _load_weights(acc.unwrap_model(self.pmodel), ckpt/'model'/WEIGHTS, map_location=acc.device)
         st = torch.load(ckpt/'trainer_state.pt', map_location='cpu', weights_only=False)
         if st['world_size'] != acc.num_processes:
             raise ValueError(f"{ckpt} was written by {st['world_size']} processes, this run has {acc.num_processes}: "
                              "resume with the same number of processes (data order and RNG states are per process)")
-        self.opt.load_state_dict(st['optimizer']); self.sched.load_state_dict(st['scheduler'])
+        if (st['optimizer'] is None) != self.sharded:
+            was = 'fsdp' if st['optimizer'] is None else 'ddp'
+            raise ValueError(f"{ckpt} was written with train.parallel={was} (optimizer state {'sharded' if was == 'fsdp' else 'whole'}); "
+                             f"resume it with train.parallel={was}")
+        if self.sharded: self._load_sharded_optimizer(ckpt/'optimizer')   # the weights were loaded before sharding
+        else:
+            _load_weights(acc.unwrap_model(self.pmodel), ckpt/'model'/WEIGHTS, map_location=acc.device)
+            self.opt.load_state_dict(st['optimizer'])
+        self.sched.load_state_dict(st['scheduler'])
         if acc.scaler is not None and st.get('scaler'): acc.scaler.load_state_dict(st['scaler'])
         self.step, self.skipped, self.bad_run, self.tokens = st['step'], st['skipped'], st['bad_run'], st['tokens']
         self.flops = st['flops'] if 'flops' in st else (self.flops_per_token or 0.0) * self.tokens  # older checkpoints: nominal
         r = torch.load(ckpt/f'rng_{acc.process_index}.pt', map_location='cpu', weights_only=False)
         self.loader.load_state_dict(r['loader']); _set_rng_state(r)
         if acc.is_main_process: print(f"resumed from {ckpt} (step {self.step})")
+
+    # -- FSDP: weights whole in `model/` (gathered to rank 0), AdamW state sharded in `optimizer/`
+    def _before_sharding(self, ckpt):
+        "Upcast low-precision weights to fp32 masters (mixed precision), load a checkpoint's weights whole, name the blocks to shard."
+        m, acc = self.model, self.acc
+        if acc.mixed_precision != 'no':   # accelerate would upcast them while sharding: do it first so a resumed run loads fp32
+            for p in m.parameters():
+                if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32: p.data = p.data.float()
+        if ckpt is not None: _load_weights(m, ckpt/'model'/WEIGHTS)
+        blocks = getattr(getattr(m, 'lm', m), '_no_split_modules', None)
+        if not blocks: raise ValueError(f"{type(getattr(m, 'lm', m)).__name__} names no transformer block class (_no_split_modules): "
+                                        "FSDP cannot shard it block by block; use train.parallel=ddp")
+        acc.state.fsdp_plugin.transformer_cls_names_to_wrap = sorted(blocks)
+
+    def _gather_weights(self) -> dict:
+        "The full state dict of the sharded model, on rank 0's CPU (empty elsewhere); every process must call it."
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+        return get_model_state_dict(self.pmodel, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _save_gathered(self, full:dict, d:Path):
+        "Write gathered weights `full` as the library's checkpoint (`save_pretrained` of a meta-device twin of the model)."
+        tw = self._twin
+        tw.load_state_dict(full, assign=True)
+        if getattr(tw.config, 'tie_word_embeddings', False): tw.lm.tie_weights()
+        tw.train_block_size, tw.embed_scale = self.model.train_block_size, self.model.embed_scale
+        try: tw.save_pretrained(d, tokenizer=self.tokenizer)
+        finally: tw.to_empty(device='meta')   # drop the CPU copy
+
+    def _save_sharded_optimizer(self, d:Path):
+        "Each process writes its shard of the AdamW state (torch distributed checkpoint, fsynced)."
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        dcp.save({'optimizer': get_optimizer_state_dict(self.pmodel, self.opt.optimizer)}, checkpoint_id=str(d))
+
+    def _load_sharded_optimizer(self, d:Path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        osd = {'optimizer': get_optimizer_state_dict(self.pmodel, self.opt.optimizer)}   # the layout to fill (state initialised)
+        dcp.load(osd, checkpoint_id=str(d))
+        set_optimizer_state_dict(self.pmodel, self.opt.optimizer, osd['optimizer'])
 
     def evaluate(self) -> dict:
         "Validation loss/perplexity of the current model (`data.eval_max_blocks` blocks)."
