@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: reproduce setup data demo test test-fast test-slow test-cuda check-sync figures figures-smoke bench micro export clean-nbs
+.PHONY: reproduce setup data demo docs test test-fast test-slow test-cuda check-sync figures figures-smoke bench micro export clean-nbs
 
 $(STAMP): setup.py settings.ini
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -47,6 +47,13 @@ test-cuda: setup
 	$(VENV)/bin/nbdev_test --flags cuda
 	$(VENV)/bin/pytest -rs -m "cuda" tests
 
+# the companion site in _docs/: every chapter executed (as nbdev_test runs it) and every paper notebook (at smoke scale;
+# SCALE=micro: on their defaults, the real figures) rendered with a navigation bar, then checked in headless Chromium
+SCALE ?= smoke
+docs: setup
+	time $(PY) tools/docs.py build --scale $(SCALE) --jobs 2
+	$(PY) tools/docs.py check
+
 # every paper notebook (nbs/figNN_*, tabNN_*, adaptive_*) on its defaults -> figures/; one: make figures ONLY='fig12*'
 ONLY ?= *
 figures: setup
@@ -62,6 +69,8 @@ reproduce: setup
 	$(VENV)/bin/latent-thoughts suite eval --scale micro --split validation
 	$(VENV)/bin/latent-thoughts suite eval --scale micro --split test
 	$(VENV)/bin/latent-thoughts suite eval --scale micro --kind harness --split none
+	$(VENV)/bin/latent-thoughts suite claims --scale micro
+	$(PY) tools/docs.py readme
 
 # the micro checkpoints the paper notebooks default to (shipped in assets/; this retrains them, resumably)
 micro: setup
