@@ -5,7 +5,13 @@ import pytest
 from latent_thoughts.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1'}
+ENV = {**{k: v for k, v in os.environ.items() if k != 'LATENT_THOUGHTS_RUNS'}, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1'}
+
+
+@pytest.fixture(autouse=True)
+def _default_runs_folder(monkeypatch):
+    "These tests name their folders: a runs folder set for the figure tests ($LATENT_THOUGHTS_RUNS) must not leak in."
+    monkeypatch.delenv('LATENT_THOUGHTS_RUNS', raising=False)
 
 def run(argv):
     out, err = io.StringIO(), io.StringIO()

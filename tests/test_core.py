@@ -56,6 +56,13 @@ def test_authors_llama_shapes():
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: Path(p).stem)
 def test_config_counts_its_name(path):
     cfg, stem = load_config(path), Path(path).stem
+    if cfg.model.init_from:   # continual pretraining of a released model: its shape is the release's, named by its maker
+        from latent_thoughts.flops import HUB_SHAPES
+        published = {'meta-llama/Llama-3.2-3B': 3_212_749_824}   # Meta's model card: 3.21B
+        from transformers import AutoModelForCausalLM
+        with torch.device('meta'): m = AutoModelForCausalLM.from_config(hf_config(**HUB_SHAPES[cfg.model.init_from]))
+        assert sum(p.numel() for p in m.parameters()) == published[cfg.model.init_from], path
+        return
     if stem in ('micro', 'tiny') or stem.endswith('-latent'):   # the paper's fresh-pretraining runs: the measured default recipe
         assert cfg.model.init_from is None and (cfg.model.embed_scale, cfg.model.init) == ('authors', 'authors')
         assert (ModelConfig().embed_scale, ModelConfig().init) == ('authors', 'authors')

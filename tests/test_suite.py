@@ -10,7 +10,7 @@ from latent_thoughts.config import load_config, config_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, '-m', 'latent_thoughts.cli', 'suite']
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1'}
+ENV = {**{k: v for k, v in os.environ.items() if k != 'LATENT_THOUGHTS_RUNS'}, 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1'}
 
 
 def suite_copy(tmp_path, edit=lambda t: t) -> Path:
@@ -21,6 +21,12 @@ def suite_copy(tmp_path, edit=lambda t: t) -> Path:
 
 
 # ---------------------------------------------------------------- the declared runs
+
+@pytest.fixture(autouse=True)
+def _default_runs_folder(monkeypatch):
+    "These tests name their folders: a runs folder set for the figure tests ($LATENT_THOUGHTS_RUNS) must not leak in."
+    monkeypatch.delenv('LATENT_THOUGHTS_RUNS', raising=False)
+
 def test_declares_the_runs_of_both_papers():
     "Every run the issue lists exists, with the method and arguments it names."
     S = Suite(ROOT/'suite.yaml')
@@ -36,7 +42,7 @@ def test_declares_the_runs_of_both_papers():
         assert m[name] == (method, args)
     assert [m[f'latent-abl-K{k}'][1]['train_iters'] for k in range(1, 6)] == [1, 2, 3, 4, 5]
     assert [m[f'latent-abl-N{n}'][1]['n_thoughts'] for n in (2, 3)] == [2, 3] and m['latent-abl'][1]['n_thoughts'] == 1
-    assert S.select('micro', figure='fig13') == ['latent-abl-K2', 'latent-abl-K234']
+    assert S.select('micro', figure='fig13') == ['latent-abl', 'latent-abl-K2', 'latent-abl-K234']
     assert {f'{b}-abl{s}' for b in ('vanilla', 'latent') for s in ('', '-seed1', '-seed2')} <= set(S.runs)
     assert m['latent-abl-seqpos'][1]['position_mode'] == 'sequential'
     assert (S.config_for('latent-abl', 'micro').model.embed_scale, S.config_for('latent-abl', 'micro').model.init) == ('authors', 'authors')
