@@ -23,12 +23,7 @@ def _records(S, run, scale):
 
 # -- the paper's recipe as plain loops over the HF model (one thought per token, position ids reused)
 
-def _stream(lm, x, pos):
-    "Last hidden states of HF model `lm` on input vectors x (B, S, d) at position ids `pos`, with an explicit causal mask."
-    S = x.size(1)
-    mask = torch.zeros(1, 1, S, S, dtype=x.dtype).masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), torch.finfo(x.dtype).min)
-    return lm.base_model(inputs_embeds=x, position_ids=torch.tensor(pos)[None].expand(x.size(0), -1),
-                         attention_mask=mask).last_hidden_state
+from test_figures import _stream   # the plain-loop stream of the Fig. 4/12 references (tests/ is on sys.path)
 
 def _interleaved(lm, E, theta):
     "Hidden states at the e(x_t) and θ_t entries of the stream e(x1), θ1, e(x2), θ2, … (positions reused)."
