@@ -829,7 +829,7 @@ def cli(argv:list|None=None):
     s.add_argument('--recompute', action='store_true', help='evaluate even where cached')
     s = sub.add_parser('claims', parents=[common], help="each headline claim of both papers: paper vs this scale, with a verdict",
                        description="Write claims.md and claims.json (the README's table) from the trained runs and cached evaluations "
-                                   "of a scale (nbs/16_claims.ipynb: the claims and the verdict rule).")
+                                   "of a scale (nbs/14_claims.ipynb: the claims and the verdict rule).")
     s.add_argument('-o', '--output', default=None, help="folder (default: the scale's assets folder)")
     s = sub.add_parser('config', parents=[common], help="a run's training config as YAML (for `latent-thoughts train --config`)")
     s.add_argument('run', help='run name')

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/'tools'))
 import docs  # noqa: E402  (tools/docs.py)
 
-CHAPTER, MODULE = '02_config', 'latent_thoughts.config'   # a cheap chapter with classes, methods and functions
+CHAPTER, MODULE = '07_config', 'latent_thoughts.config'   # a cheap chapter with classes, methods and functions
 PAPER = 'fig12_convergence'
 SUBSET = ('index', CHAPTER, PAPER, 'explore')
 
@@ -85,7 +85,7 @@ def test_site_pages(site):
     # the landing page links the built pages, and the unbuilt chapters out to the repository
     index = (site/'index.html').read_text()
     assert 'href="config.html"' in index and f'href="{PAPER}.html"' in index and 'href="explore.html"' in index
-    assert 'blob/main/nbs/03_latent.ipynb' in index
+    assert 'blob/main/nbs/04_latent.ipynb' in index
 
 
 def test_every_public_function_and_method_documented(site):

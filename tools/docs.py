@@ -59,7 +59,7 @@ def nb_title(path) -> tuple[str, str]:
     return Path(path).stem, ''
 
 def page_name(path) -> str:
-    "nbdev's page name: the notebook's stem without its `NN_` number (`03_latent` -> `latent.html`)."
+    "nbdev's page name: the notebook's stem without its `NN_` number (`04_latent` -> `latent.html`)."
     stem = Path(path).stem
     return re.sub(r'^\d+[a-z]?_', '', stem) + '.html'
 
@@ -528,7 +528,7 @@ def _output_markdown(c) -> str:
     return '\n\n'.join(p for p in parts if p)
 
 def _readme_links(md:str) -> str:
-    "Links written relative to nbs/ (`03_latent.ipynb`, `../Makefile`) made relative to the repository root."
+    "Links written relative to nbs/ (`04_latent.ipynb`, `../Makefile`) made relative to the repository root."
     def fix(m):
         text, url = m.group(1), m.group(2)
         if re.match(r'^[a-z][a-z0-9+.-]*:|^#|^/', url): return m.group(0)
