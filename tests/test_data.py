@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from latent_thoughts.data import (EOT, SPLITS, BlockLoader, PackedBlocks, StreamLoader, TokenStream, corpus_manifest,
+from latent_thoughts.data import (EOT, SPLITS, BlockLoader, make_loader, batch_ids, PackedBlocks, StreamLoader, TokenStream, corpus_manifest,
                                   data_dir, doc_stream, eval_batches, get_blocks, get_tokenizer, iter_documents,
                                   prepare_corpus, split_documents, train_tokenizer)
 
@@ -123,6 +123,21 @@ def test_loader_world_size_2_equals_double_batch(tmpdata):
     # the state of a 2-rank run resumes a 1-process run with the same global batch
     single = BlockLoader(blocks, 6, seed=1); single.load_state_dict(ranks[0].state_dict())
     assert torch.equal(_ids(next(single)), _ids(next(one)))
+
+
+def test_one_loader_for_blocks_in_memory_and_on_disk(tmpdata):
+    "The trainer's loader of a tensor of blocks is `BlockLoader`: the same batches, ranks and resume as over `PackedBlocks`."
+    _, src, tok = tmpdata
+    blocks = get_blocks(src, tokenizer=tok, block_size=4)
+    mem = torch.stack([blocks[i] for i in range(len(blocks))])
+    disk, ram = make_loader(blocks, 3, seed=2), make_loader(mem, 3, seed=2)
+    assert type(disk) is type(ram) is BlockLoader
+    for _ in range(2*len(disk) + 1): assert torch.equal(batch_ids(next(disk)), batch_ids(next(ram)))
+    ranks = [make_loader(list(mem), 3, seed=2, rank=r, world_size=2) for r in range(2)]
+    one = make_loader(mem, 6, seed=2)
+    for _ in range(5): assert torch.equal(torch.cat([batch_ids(next(r)) for r in ranks]), batch_ids(next(one)))
+    again = make_loader(mem, 6, seed=2); again.load_state_dict(json.loads(json.dumps(one.state_dict())))
+    assert torch.equal(batch_ids(next(again)), batch_ids(next(one)))
 
 
 def test_eval_batches_cover_all_in_order(tmpdata):

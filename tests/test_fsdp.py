@@ -11,6 +11,8 @@ from latent_thoughts.config import Config, ModelConfig, DataConfig, TrainConfig
 from latent_thoughts.core import load_method_lm
 from latent_thoughts import trainer as T
 from latent_thoughts.trainer import Trainer, latest_checkpoint, check_parallel
+from latent_thoughts.testing import toy_blocks
+from conftest import toy_config
 from latent_thoughts.flops import activation_bytes, measure_activation_bytes, memory_per_device, config_memory, GiB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +41,9 @@ def losses(run_dir) -> dict:
     return out
 
 # ---------------------------------------------------------------- small runs on synthetic blocks (worker and reference)
-def toy_blocks(n=64, T_=32, V=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a, b = torch.randint(1, 4, (n, 1), generator=g), torch.randint(0, V, (n, 1), generator=g)
-    return (a * torch.arange(T_) + b) % V
-
-def toy_cfg(out_dir, method='vanilla', method_args=None, batch_size=4, n_layer=2, init_from=None, **train):
-    return Config(ModelConfig(preset='micro', d_model=32, n_layer=n_layer, n_head=2, vocab_size=64, max_positions=64,
-                              method=method, method_args=method_args or {}, init_from=init_from),
-                  DataConfig(block_size=32, batch_size=batch_size, eval_batch_size=16),
-                  TrainConfig(**{**dict(steps=5, lr=1e-2, warmup=2, min_lr=1e-3, out_dir=str(out_dir), progress=False,
-                                        mixed_precision='no', save_every=0, keep_last=3, grad_accum=2), **train}))
+def toy_cfg(out_dir, **fields):
+    "The shared toy run (`conftest.toy_config`) at this file's scale: 2 layers, batch 4 × 2 micro-batches, 5 steps."
+    return toy_config(out_dir, **{**dict(n_layer=2, batch_size=4, steps=5, save_every=0, grad_accum=2), **fields})
 
 def toy_run(spec:dict, resume=False) -> dict:
     "Train one small run of `spec` (toy_cfg keywords + name); return its losses, final eval loss and how its parameters are held."

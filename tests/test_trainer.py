@@ -7,6 +7,8 @@ from latent_thoughts.config import Config, ModelConfig, DataConfig, TrainConfig,
 from latent_thoughts.core import VanillaLM, MethodLM, build_lm
 from latent_thoughts import trainer as T
 from latent_thoughts.trainer import Trainer, latest_checkpoint, NonFiniteLossError
+from latent_thoughts.testing import toy_blocks
+from conftest import toy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, '-m', 'latent_thoughts.cli']
@@ -20,16 +22,7 @@ def losses(run_dir):
         if 'loss' in r: out[r['step']] = r['loss']
     return out
 
-def toy_blocks(n=64, T_=32, V=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a, b = torch.randint(1, 4, (n, 1), generator=g), torch.randint(0, V, (n, 1), generator=g)
-    return (a * torch.arange(T_) + b) % V
-
-def toy_cfg(d, **train):
-    return Config(ModelConfig(preset='micro', d_model=32, n_layer=1, n_head=2, vocab_size=64, max_positions=64),
-                  DataConfig(block_size=32, batch_size=8, eval_batch_size=16),
-                  TrainConfig(**{**dict(steps=12, lr=1e-2, warmup=2, min_lr=1e-3, out_dir=str(d), progress=False,
-                                        mixed_precision='no', save_every=4, keep_last=3), **train}))
+toy_cfg = toy_config   # the shared toy run (`testing.toy_train_config`, any field overridable)
 
 def toy_trainer(d, model=None, **train):
     return Trainer(toy_cfg(d, **train), model=model, train_blocks=toy_blocks(), val_blocks=toy_blocks(16, seed=1))
@@ -211,7 +204,7 @@ def test_compiled_run_checkpoints_plain_weights_and_resumes(tmp_path):
         cfg = toy_cfg(d, steps=steps, save_every=2, compile=compile)
         cfg.model.method, cfg.model.method_args = 'latent', {'n_thoughts': 1, 'train_iters': [2]}
         cfg.data.block_size, cfg.data.batch_size = 16, 4
-        tr = Trainer(cfg, train_blocks=toy_blocks(T_=16), val_blocks=toy_blocks(8, T_=16, seed=1))
+        tr = Trainer(cfg, train_blocks=toy_blocks(T=16), val_blocks=toy_blocks(8, T=16, seed=1))
         return tr, tr.fit(resume=resume, stop_at=stop_at)
     ref, _ = run(tmp_path/'plain', False)
     run(tmp_path/'compiled', True, stop_at=2)
@@ -227,7 +220,7 @@ def test_compiled_run_checkpoints_plain_weights_and_resumes(tmp_path):
     print('plain vs compiled+resumed losses:', a, b)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4   # compiled kernels round differently; same arithmetic otherwise
     m = MethodLM.from_pretrained(latest_checkpoint(tmp_path/'compiled')/'model')
-    assert abs(T.evaluate(m, toy_blocks(8, T_=16, seed=1))['loss'] - s['eval_loss']) < 1e-4
+    assert abs(T.evaluate(m, toy_blocks(8, T=16, seed=1))['loss'] - s['eval_loss']) < 1e-4
 
 # ---------------------------------------------------------------- training FLOPs of a pruned adaptive run
 def test_adaptive_flops_count_the_executed_steps(tmp_path):
