@@ -1,8 +1,6 @@
-"""Shared fixtures: the tiny models, toy data and configs of `latent_thoughts.testing`, and `executed(stem)`, which runs
-a paper notebook once per session at smoke scale (its `(smoke: …)` parameters).
-
-`toy_config(out_dir, **fields)` is also a plain function (`from conftest import toy_config`): torchrun workers
-(`tests/test_fsdp.py`) build their runs with it outside pytest."""
+"""Shared test helpers: `toy_config(out_dir, **fields)`, the toy run of `latent_thoughts.testing` as a `Config` (a plain
+function, `from conftest import toy_config`, so torchrun workers in `tests/test_fsdp.py` use it outside pytest), and the
+fixture `executed(stem)`, which runs a paper notebook once per session at smoke scale (its `(smoke: …)` parameters)."""
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -22,30 +20,6 @@ def toy_config(out_dir, **overrides) -> Config:
         if len(owner) != 1: raise ValueError(f"{k!r} is {'ambiguous' if owner else 'not a config field'}: sections {owner}")
         d[owner[0]][k] = v
     return Config(**{s: cls(**d[s]) for s, cls in SECTIONS.items()})
-
-
-@pytest.fixture
-def tiny_lm(): return testing.tiny_lm
-
-@pytest.fixture
-def tiny_method(): return testing.tiny_method
-
-@pytest.fixture
-def toy_ids(): return testing.toy_ids
-
-@pytest.fixture
-def toy_mask(): return testing.toy_mask
-
-@pytest.fixture
-def greedy_reference(): return testing.greedy_reference
-
-@pytest.fixture
-def toy_blocks(): return testing.toy_blocks
-
-@pytest.fixture(name='toy_config')
-def _toy_config(tmp_path):
-    "`toy_config` whose `out_dir` defaults to the test's `tmp_path`."
-    return lambda out_dir=tmp_path, **overrides: toy_config(out_dir, **overrides)
 
 
 @pytest.fixture(scope='session')
